@@ -1,0 +1,289 @@
+"""Typed configs: frozen dataclass trees with defaults in Python, YAML files, `--set a.b.c=value` overrides.
+
+    cfg = load_config("configs/pretrain_o365.yaml", ["model.co.lambda1=0.5", "model.co.aux_heads=[atss]"])
+    print(dump_yaml(cfg))
+
+Rules:
+- A YAML file is a partial tree of the job config; anything it leaves out keeps its Python default. It may name
+  one `base:` file (relative to itself) that is loaded first.
+- Unknown keys are errors naming the full dotted path and the valid keys at that level.
+- Values are coerced to the field's annotated type (int, float, str, bool, tuples, Optional, Literal, nested
+  dataclasses); a value that does not fit is an error naming the path, the value and the expected type.
+- The resolved config is dumped to YAML with every run and checkpoint (`dump_yaml`), and flattened to dotted
+  keys for MLflow params (`flatten`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config tree (one-line message)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dict -> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Convert `value` (from YAML or an override) to the annotated type `tp`, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    if tp is Any:
+        return value
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: value {value!r} does not fit {_type_name(tp)}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{path}: value {value!r} is not one of {list(args)}")
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin in (tuple, list, Sequence) or tp in (tuple, list):
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ConfigError(f"{path}: expected a list of {len(args)} items, got {value!r}")
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{path}: expected a bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected an int, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a float, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{path}: cannot use {value!r} as {_type_name(tp)}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
+    """Build dataclass `cls` from a (partial) mapping; missing fields keep their defaults."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or '<root>'}: expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        raise ConfigError(f"unknown config key '{where}' (valid keys here: {', '.join(names)})")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path or cls.__name__}: {e}") from e
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain nested dict/list/scalars (tuples become lists) for YAML/JSON."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple | list):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, Mapping):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys -> scalar values (lists rendered as strings), e.g. for MLflow params."""
+    out: dict[str, Any] = {}
+    d = to_dict(cfg)
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v if not isinstance(v, list) else str(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files and overrides
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """Read a config YAML (local path or any storage URI), resolving one level of `base:`."""
+    from pipeline import storage
+
+    try:
+        text = storage.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        base_path = base if os.path.isabs(base) or "://" in base else os.path.join(os.path.dirname(path), base)
+        base_data = read_yaml(base_path)
+        if "base" in base_data:
+            raise ConfigError(f"{base_path}: a base file may not name another base (one level only)")
+        data = deep_merge(base_data, data)
+    return data
+
+
+def deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value parsed as YAML: 3 -> int, [x, y] -> list, true -> bool)."""
+    if "=" not in text:
+        raise ConfigError(f"bad override {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"bad override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(cls: type, data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set each `a.b.c=value` into the nested dict `data`, checking the key path against the dataclass tree."""
+    data = dict(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node_cls: Any = cls
+        node = data
+        for i, k in enumerate(keys):
+            fields = {f.name: f for f in dataclasses.fields(node_cls)}
+            if k not in fields:
+                where = ".".join(keys[: i + 1])
+                raise ConfigError(f"unknown config key '{where}' in override {text!r} (valid keys here: "
+                                  f"{', '.join(fields)})")
+            tp = _hints(node_cls)[k]
+            if i == len(keys) - 1:
+                node[k] = value
+                break
+            sub = _dataclass_of(tp)
+            if sub is None:
+                raise ConfigError(f"override {text!r}: '{'.'.join(keys[: i + 1])}' is not a section")
+            child = node.get(k)
+            node[k] = dict(child) if isinstance(child, Mapping) else {}
+            node, node_cls = node[k], sub
+    return data
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg) and isinstance(arg, type):
+            return arg
+    return None
+
+
+def load(cls: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
+    """Defaults <- YAML file (optional) <- overrides, validated into `cls`."""
+    data = read_yaml(path) if path else {}
+    data = apply_overrides(cls, data, overrides)
+    return from_dict(cls, data)
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """`dataclasses.replace` with dotted keys: replace(cfg, **{"model.co.lambda1": 0.5})."""
+    nested: dict[str, Any] = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            nested[head] = value
+    kwargs = {}
+    for head, value in nested.items():
+        if isinstance(value, dict) and dataclasses.is_dataclass(getattr(cfg, head)):
+            kwargs[head] = replace(getattr(cfg, head), **value)
+        else:
+            kwargs[head] = value
+    return dataclasses.replace(cfg, **kwargs)  # type: ignore[type-var]

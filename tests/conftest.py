@@ -1,0 +1,78 @@
+"""Shared fixtures: real local services, no mocks.
+
+- `s3_endpoint`: moto's S3 server on 127.0.0.1 (HTTP, a separate thread), reachable from Ray workers too.
+- `s3_bucket`: a fresh bucket per test, as an `s3://` URI.
+- `ray_local`: one local Ray instance per test session (logical CPU overcommit on the 2-core machine).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+
+import pytest
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(AWS_ENV)
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint):
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    name = f"test-bucket-{uuid.uuid4().hex[:10]}"
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    fs.mkdir(name)
+    yield f"s3://{name}"
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
+    """A local Ray instance for the whole session. It starts after the moto endpoint so that every Ray worker
+    sees AWS_ENDPOINT_URL and the fake credentials (passed through `runtime_env`)."""
+    import ray
+    from ray.data import DataContext
+
+    env_vars = {k: os.environ[k] for k in [*AWS_ENV, "AWS_ENDPOINT_URL"] if k in os.environ}
+    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must stay < 107 bytes
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        object_store_memory=256 * 1024 * 1024,
+        runtime_env={"env_vars": env_vars} if env_vars else None,
+        _temp_dir=tmp,
+        log_to_driver=False,
+    )
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
