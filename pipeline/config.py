@@ -129,17 +129,22 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _keys(cls: type) -> dict[str, str]:
+    """YAML key -> field name. A field may carry `metadata={"key": "from"}` to use a Python keyword as key."""
+    return {f.metadata.get("key", f.name): f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     """Build dataclass `cls` from a (partial) mapping; missing fields keep their defaults."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path or '<root>'}: expected a mapping, got {data!r}")
     hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = [k for k in data if k not in names]
+    keys = _keys(cls)
+    unknown = [k for k in data if k not in keys]
     if unknown:
         where = f"{path}.{unknown[0]}" if path else str(unknown[0])
-        raise ConfigError(f"unknown config key '{where}' (valid keys here: {', '.join(names)})")
-    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+        raise ConfigError(f"unknown config key '{where}' (valid keys here: {', '.join(keys)})")
+    kwargs = {keys[k]: _coerce(v, hints[keys[k]], f"{path}.{k}" if path else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -151,7 +156,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
 def to_dict(cfg: Any) -> Any:
     """Plain nested dict/list/scalars (tuples become lists) for YAML/JSON."""
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        return {f.metadata.get("key", f.name): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, tuple | list):
         return [to_dict(v) for v in cfg]
     if isinstance(cfg, Mapping):
@@ -237,12 +242,12 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: Sequence[str]) -
         node_cls: Any = cls
         node = data
         for i, k in enumerate(keys):
-            fields = {f.name: f for f in dataclasses.fields(node_cls)}
+            fields = _keys(node_cls)
             if k not in fields:
                 where = ".".join(keys[: i + 1])
                 raise ConfigError(f"unknown config key '{where}' in override {text!r} (valid keys here: "
                                   f"{', '.join(fields)})")
-            tp = _hints(node_cls)[k]
+            tp = _hints(node_cls)[fields[k]]
             if i == len(keys) - 1:
                 node[k] = value
                 break

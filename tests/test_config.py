@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, dump_yaml, flatten, from_dict, load, parse_override, replace
+from pipeline.train.config import InitConfig
 
 
 @dataclass(frozen=True)
@@ -107,3 +108,14 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_replace_dotted():
     cfg = replace(Job(), **{"model.co.lambda1": 0.5, "name": "x"})
     assert cfg.model.co.lambda1 == 0.5 and cfg.name == "x" and cfg.model.num_classes == 80
+
+
+@dataclass(frozen=True)
+class WithInit:
+    init: InitConfig = field(default_factory=InitConfig)
+
+
+def test_keyword_field_alias():
+    cfg = load(WithInit, None, ["init.from=models:/codetr-o365@latest"])
+    assert cfg.init.from_ == "models:/codetr-o365@latest"
+    assert yaml.safe_load(dump_yaml(cfg)) == {"init": {"from": "models:/codetr-o365@latest"}}

@@ -1,0 +1,117 @@
+"""COCO / LVIS box AP on detections, computed with faster-coco-eval (same numbers as pycocotools).
+
+    gt = coco_gt_from_shards("s3://bucket/shards", "val")          # COCO-format dict
+    dets = detections_to_coco(predictions, image_ids, label_to_cat)  # list of COCO result dicts
+    metrics = evaluate_boxes(gt, dets, protocol="coco")             # {"AP": ..., "AP50": ..., ...}
+
+LVIS rules (`protocol="lvis"`): detections of a category listed in an image's `neg_category_ids` count as false
+positives, detections of categories in `not_exhaustive_category_ids` are ignored when unmatched, categories that are
+neither annotated nor negative in an image are not evaluated there, up to 300 detections per image are scored,
+and AP_r / AP_c / AP_f group categories by their `frequency`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+COCO_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "ARs", "ARm", "ARl"]
+LVIS_EXTRA = ["APr", "APc", "APf"]
+
+
+def detections_to_coco(
+    predictions: Sequence[dict[str, Any]], image_ids: Sequence[int], label_to_cat: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Per-image predictions (boxes (K,4) xyxy pixels of the original image, scores (K,), labels (K,)) ->
+    COCO result dicts with xywh boxes and source category ids."""
+    out: list[dict[str, Any]] = []
+    for pred, image_id in zip(predictions, image_ids, strict=True):
+        boxes = np.asarray(_to_numpy(pred["boxes"]), dtype=np.float64).reshape(-1, 4)
+        scores = np.asarray(_to_numpy(pred["scores"]), dtype=np.float64).reshape(-1)
+        labels = np.asarray(_to_numpy(pred["labels"]), dtype=np.int64).reshape(-1)
+        xywh = boxes.copy()
+        xywh[:, 2:] -= xywh[:, :2]
+        for b, s, lab in zip(xywh.tolist(), scores.tolist(), labels.tolist()):
+            out.append({"image_id": int(image_id), "category_id": int(label_to_cat[lab]), "bbox": b,
+                        "score": float(s)})
+    return out
+
+
+def _to_numpy(x: Any) -> Any:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+
+
+def evaluate_boxes(
+    gt: dict[str, Any], detections: list[dict[str, Any]], protocol: str = "coco", max_dets: int | None = None
+) -> dict[str, float]:
+    """Box AP of `detections` against the COCO-format ground truth `gt`. Values in [0, 1]; -1 where undefined."""
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    if protocol not in ("coco", "lvis"):
+        raise ValueError(f"unknown evaluation protocol {protocol!r}: expected 'coco' or 'lvis'")
+    lvis = protocol == "lvis"
+    max_dets = max_dets or (300 if lvis else 100)
+    gt = copy.deepcopy(gt)
+    for ann in gt["annotations"]:
+        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+        ann.setdefault("iscrowd", 0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(gt)
+        if not detections:
+            keys = COCO_KEYS[:9] + ["AR1", "AR10", f"AR{max_dets}"] + (LVIS_EXTRA if lvis else [])
+            return {k: 0.0 for k in keys}
+        coco_dt = coco_gt.loadRes(_cap_per_image(detections, max_dets))
+        ev = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", lvis_style=lvis, print_function=lambda *a: None)
+        ev.params.maxDets = [1, 10, max_dets]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    raw = {k: float(v) for k, v in ev.stats_as_dict.items()}
+    out = {"AP": raw["AP_all"], "AP50": raw["AP_50"], "AP75": raw["AP_75"], "APs": raw["AP_small"],
+           "APm": raw["AP_medium"], "APl": raw["AP_large"], "ARs": raw["AR_small"], "ARm": raw["AR_medium"],
+           "ARl": raw["AR_large"]}
+    ar_keys = [k for k in raw if k in ("AR_all", "AR_second", "AR_third") or (k.startswith("AR_") and k[3:].isdigit())]
+    ar = [raw[k] for k in ar_keys]
+    out.update({f"AR{m}": v for m, v in zip(ev.params.maxDets, ar)})
+    if lvis:
+        out.update({k: raw[k] for k in LVIS_EXTRA})
+    return out
+
+
+def _cap_per_image(detections: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """Keep the top-k scoring detections of each image (COCO maxDets semantics, LVIS top-300 rule)."""
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for d in detections:
+        by_image.setdefault(d["image_id"], []).append(d)
+    out = []
+    for dets in by_image.values():
+        out.extend(sorted(dets, key=lambda d: -d["score"])[:k])
+    return out
+
+
+def coco_gt_from_rows(rows: Sequence[dict[str, Any]], categories: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """COCO-format ground truth from shard rows (contract columns; labels are contiguous) and the manifest's
+    categories (entry i = label i with the source `id`)."""
+    images, annotations = [], []
+    ann_id = 1
+    for row in rows:
+        img = {"id": int(row["image_id"]), "width": int(row["width"]), "height": int(row["height"]),
+               "file_name": row.get("file_name", "")}
+        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            if key in row and row[key] is not None:
+                img[key] = [int(categories[int(lab)]["id"]) for lab in row[key]]
+        images.append(img)
+        crowd = row.get("iscrowd")
+        for j, (box, lab) in enumerate(zip(row["boxes"], row["labels"])):
+            x, y, w, h = (float(v) for v in box)
+            annotations.append({"id": ann_id, "image_id": img["id"], "category_id": int(categories[int(lab)]["id"]),
+                                "bbox": [x, y, w, h], "area": w * h,
+                                "iscrowd": int(crowd[j]) if crowd is not None else 0})
+            ann_id += 1
+    cats = [{k: v for k, v in c.items() if k in ("id", "name", "frequency")} for c in categories]
+    return {"images": images, "annotations": annotations, "categories": cats}
