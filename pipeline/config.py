@@ -24,6 +24,10 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pipeline.data.config import DataConfig
+from pipeline.models.config import ModelConfig
+from pipeline.train.config import EvalConfig, InitConfig, ScalingConfig, TrackingConfig, TrainConfig
+
 T = TypeVar("T")
 
 
@@ -292,3 +296,54 @@ def replace(cfg: T, **changes: Any) -> T:
         else:
             kwargs[head] = value
     return dataclasses.replace(cfg, **kwargs)  # type: ignore[type-var]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the job config tree shared by every job
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """The generated dataset used when `data.shards` is empty (embedded defaults: laptop, CI, tests)."""
+
+    style: str = "o365"  # coco | o365 | lvis (field layout and class names of that dataset)
+    images: int = 96  # training images
+    val_images: int = 24  # validation images
+    classes: int = 20  # categories (names shared across styles so stages can remap heads by name)
+    image_size: tuple[int, int] = (160, 256)  # min and max image side in pixels
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """Everything one stage job needs. Python defaults are the authors' R50 recipe; `configs/local/*.yaml` are the
+    embedded laptop defaults (tiny model, synthetic data)."""
+
+    name: str = ""  # run name; "" = <stage>-<dataset>. (storage_path, name) is the resume key.
+    stage: str = "pretrain"  # pretrain | finetune (MLflow experiment family)
+    dataset: str = "o365"  # o365 | coco | lvis: the registered model is codetr-<dataset>
+    work_dir: str = ".codetr"  # local working directory: generated data, SQLite MLflow, Ray results
+    storage_path: str = ""  # Ray Train storage for checkpoints; "" = <work_dir>/ray_results (s3:// on clusters)
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    scaling: ScalingConfig = dataclasses.field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("pretrain", "finetune"):
+            raise ValueError(f"stage must be 'pretrain' or 'finetune', got {self.stage!r}")
+        if self.dataset not in ("o365", "coco", "lvis"):
+            raise ValueError(f"dataset must be 'o365', 'coco' or 'lvis', got {self.dataset!r}")
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.stage}-{self.dataset}"
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """The job config: Python defaults <- YAML `path` <- `--set` overrides."""
+    return load(JobConfig, path, overrides)

@@ -1,0 +1,198 @@
+"""The stage driver: data -> TorchTrainer -> evaluation -> MLflow registry. Called by the `jobs/*.py` scripts.
+
+    result = run_stage(load_config("configs/local/pretrain_o365.yaml"))
+    print(result.checkpoint_uri, result.metrics["val/AP"], result.model_uri)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import storage
+from pipeline.config import JobConfig, dump_yaml, flatten, to_dict
+
+
+class StageError(RuntimeError):
+    """Bad input detected before training starts (one-line message)."""
+
+
+@dataclass
+class StageResult:
+    run_name: str
+    checkpoint_uri: str
+    metrics: dict[str, float]
+    mlflow_run_id: str = ""
+    tracking_uri: str = ""
+    registered_name: str = ""
+    registered_version: int = 0
+    model_uri: str = ""
+    champion: bool = False
+
+
+def work_path(job: JobConfig, *parts: str) -> str:
+    return os.path.join(os.path.abspath(job.work_dir), *parts)
+
+
+def ensure_shards(job: JobConfig) -> JobConfig:
+    """With `data.shards` empty, generate the synthetic dataset (once) and build its shards in the work dir."""
+    if job.data.shards:
+        if not storage.exists(storage.join(job.data.shards, "manifest.json")):
+            raise StageError(f"no manifest.json under data.shards={job.data.shards!r}: build shards first "
+                             f"(jobs/build_shards.py) or leave data.shards empty for the synthetic set")
+        return job
+    from pipeline.data.shards import build_shards
+    from pipeline.data.synthetic import SyntheticConfig as GenConfig
+    from pipeline.data.synthetic import generate_dataset
+
+    s = job.synthetic
+    tag = f"{s.style}-c{s.classes}-n{s.images}-v{s.val_images}-s{s.seed}-{s.image_size[0]}x{s.image_size[1]}"
+    src = work_path(job, "data", tag)
+    shards = work_path(job, "shards", tag)
+    if not storage.exists(storage.join(shards, "manifest.json")):
+        print(f"[data] generating synthetic {s.style} dataset ({s.images} train / {s.val_images} val images, "
+              f"{s.classes} classes) in {src}")
+        gen = GenConfig(style=s.style, classes=s.classes, images=s.images, val_images=s.val_images, seed=s.seed,
+                        image_size=s.image_size)
+        generated = generate_dataset(src, gen)
+        for split, paths in generated.splits.items():
+            build_shards(paths.annotations, paths.images, shards, split=split)
+    print(f"[data] shards: {shards}")
+    return dataclasses.replace(job, data=dataclasses.replace(job.data, shards=shards))
+
+
+def check_feasible(job: JobConfig) -> None:
+    """One-line error if the requested workers cannot fit the Ray cluster (Ray would wait forever)."""
+    import ray
+
+    res = ray.cluster_resources()
+    need_cpu = job.scaling.num_workers * job.scaling.cpus_per_worker
+    if job.scaling.num_workers < 1:
+        raise StageError(f"scaling.num_workers must be >= 1, got {job.scaling.num_workers}")
+    if need_cpu > res.get("CPU", 0):
+        raise StageError(f"scaling asks for {job.scaling.num_workers} workers x {job.scaling.cpus_per_worker} CPU = "
+                         f"{need_cpu} CPUs but the Ray cluster has {res.get('CPU', 0):g}")
+    if job.scaling.use_gpu and job.scaling.num_workers > res.get("GPU", 0):
+        raise StageError(f"scaling asks for {job.scaling.num_workers} GPU workers but the Ray cluster has "
+                         f"{res.get('GPU', 0):g} GPUs")
+
+
+def init_ray(job: JobConfig) -> None:
+    """Connect to the cluster of `ray job submit` (RAY_ADDRESS) or start a local instance with the AWS variables
+    passed on to the workers."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_"))}
+    runtime_env = {"env_vars": env} if env else None
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(4, (os.cpu_count() or 2) * 2), include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=True)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def run_stage(job: JobConfig, register: bool = True) -> StageResult:
+    """Train one stage (resuming if a run of the same name exists in the storage path), evaluate, register."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.data.loader import build_dataset
+    from pipeline.tracking import mlflow_tracking as mt
+    from pipeline.train.loop import train_loop_per_worker
+
+    init_ray(job)
+    check_feasible(job)
+    job = ensure_shards(job)
+    manifest = storage.read_json(storage.join(job.data.shards, "manifest.json"))
+    categories = [{k: c[k] for k in ("id", "name", "frequency") if k in c} for c in manifest["categories"]]
+    if job.model.num_classes != len(categories):
+        print(f"[train] model.num_classes {job.model.num_classes} -> {len(categories)} (from the shards' manifest)")
+        job = dataclasses.replace(job, model=dataclasses.replace(job.model, num_classes=len(categories)))
+    has_val = job.data.val_split in manifest.get("splits", {}) or storage.exists(
+        storage.join(job.data.shards, job.data.val_split))
+    datasets = {"train": build_dataset(job.data, job.data.train_split, train=True)}
+    if has_val:
+        datasets["val"] = build_dataset(job.data, job.data.val_split, train=False)
+
+    storage_path = job.storage_path or work_path(job, "ray_results")
+    tracking_uri, run_id = "", ""
+    if job.tracking.enabled:
+        tracking_uri = mt.resolve_tracking_uri(job.tracking.tracking_uri, work_path(job))
+        experiment = job.tracking.experiment or f"codetr-{job.stage}"
+        run_id = mt.get_or_create_run(tracking_uri, experiment, job.run_name,
+                                      tags={"dataset": job.dataset, "stage": job.stage})
+        mt.log_params(tracking_uri, run_id, flatten(job))
+        mt.log_text(tracking_uri, run_id, dump_yaml(job), "config.yaml")
+        print(f"[mlflow] run {run_id} in experiment {experiment!r} at {tracking_uri}")
+
+    loop_config: dict[str, Any] = {
+        "job": to_dict(job), "categories": categories, "init_from": job.init.from_, "has_val": has_val,
+        "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
+    }
+    fs, path = (None, storage_path)
+    if "://" in storage_path and not storage.is_local(storage_path):
+        fs, path = storage.get_pyarrow_fs(storage_path)
+    run_config = ray.train.RunConfig(
+        name=job.run_name, storage_path=path, storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
+                                               resources_per_worker={"CPU": job.scaling.cpus_per_worker}),
+        run_config=run_config, datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    ckpt = result.checkpoint
+    ckpt_uri = _checkpoint_uri(ckpt.path, storage_path) if ckpt else ""
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+    print(f"[train] finished {job.run_name}: checkpoint {ckpt_uri}")
+    out = StageResult(job.run_name, ckpt_uri, metrics, run_id, tracking_uri)
+    if job.tracking.enabled and ckpt is not None and register:
+        out = _register(job, out, categories)
+    if job.tracking.enabled:
+        mt.end_run(tracking_uri, run_id)
+    return out
+
+
+def _checkpoint_uri(path: str, storage_path: str) -> str:
+    if "://" in storage_path and not storage.is_local(storage_path):
+        protocol = storage_path.split("://", 1)[0]
+        return f"{protocol}://{path}" if "://" not in path else path
+    return path
+
+
+def _register(job: JobConfig, res: StageResult, categories: list[dict]) -> StageResult:
+    from pipeline.models import build_model
+    from pipeline.tracking import mlflow_tracking as mt
+    from pipeline.train.checkpoint import load_model_state
+
+    model = build_model(job.model)
+    model.load_state_dict(load_model_state(res.checkpoint_uri, prefer_ema=job.train.ema))
+    model.categories = categories
+    model.eval()
+    ap = res.metrics.get("val/AP", -1.0)
+    name = job.tracking.register_as or f"codetr-{job.dataset}"
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    version, champion = mt.log_and_register_model(res.tracking_uri, res.mlflow_run_id, model, name, ap,
+                                                   code_paths=[package_dir])
+    res.registered_name, res.registered_version, res.champion = name, version, champion
+    res.model_uri = f"models:/{name}/{version}"
+    print(f"[mlflow] registered {res.model_uri} (alias latest{', champion' if champion else ''}), val AP {ap:.4f}")
+    return res
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,0 +1,233 @@
+"""The per-worker training function run by Ray Train's TorchTrainer.
+
+Ray-specific lines are few and marked `# Ray:`. Everything else is plain PyTorch (see `steps.py`).
+
+Data position: the checkpoint stores the image ids consumed so far in the running epoch (gathered from every
+worker). A resumed run skips exactly those ids for the rest of that epoch, so no image is replayed or skipped
+beyond the last checkpoint interval, whatever order Ray Data streams the rows in. Workers stay in lockstep (DDP)
+by agreeing each micro-step whether every worker still has a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.train import checkpoint as ckpt_io
+from pipeline.train.ema import build_ema
+from pipeline.train.optim import build_optimizer, lr_factor, set_lr
+from pipeline.train.steps import StepStats, backward_micro_batch, optimizer_step
+
+
+def seed_everything(seed: int, epoch: int, rank: int) -> None:
+    s = (seed * 1_000_003 + epoch * 1009 + rank) % (2**31)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def _all_have(flag: bool, world: int) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _gather_ids(ids: list[int], world: int) -> list[int]:
+    if world == 1:
+        return list(ids)
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, list(ids))
+    return sorted({i for part in out for i in part})
+
+
+def _drop_seen(batch: Any, seen: set[int]) -> Any | None:
+    """Remove images already consumed (resume mid-epoch) from a batch; None if nothing is left."""
+    if not seen:
+        return batch
+    keep = [i for i, t in enumerate(batch.targets) if int(t["image_id"]) not in seen]
+    if not keep:
+        return None
+    if len(keep) == len(batch.targets):
+        return batch
+    return batch.select(keep)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config` holds the resolved job config (`job`), the dataset categories, the init
+    checkpoint URI and the MLflow run to log to (rank 0 only)."""
+    import ray.train  # Ray: the only module-level Ray use is inside this function
+    import ray.train.torch
+
+    from pipeline.config import JobConfig, dump_yaml, from_dict
+    from pipeline.data.loader import iter_batches
+    from pipeline.eval.evaluator import evaluate_distributed
+    from pipeline.models import build_model
+    from pipeline.train.init import init_weights
+
+    job = from_dict(JobConfig, config["job"])
+    tcfg = job.train
+    ctx = ray.train.get_context()  # Ray:
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()  # Ray:
+    seed_everything(tcfg.seed, 0, rank)
+
+    model = build_model(job.model)
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "seen_ids": [], "best_ap": -1.0}
+    optimizer = build_optimizer(model, tcfg)
+    ema = build_ema(model, tcfg.ema_decay) if tcfg.ema else None
+
+    resume = ray.train.get_checkpoint()  # Ray: this stage's own latest checkpoint (worker or driver restart)
+    if resume is not None:
+        with resume.as_directory() as d:
+            model.load_state_dict(ckpt_io.load_model_state(d))
+            opt_state = ckpt_io.load_optional(d, ckpt_io.OPTIMIZER)
+            if opt_state is not None:
+                optimizer.load_state_dict(opt_state)
+            if ema is not None and os.path.exists(os.path.join(d, ckpt_io.EMA)):
+                ema.module.load_state_dict(torch.load(os.path.join(d, ckpt_io.EMA), map_location="cpu"))
+            state.update(ckpt_io.load_optional(d, ckpt_io.STATE) or {})
+        if rank == 0:
+            print(f"[train] resumed from checkpoint at epoch {state['epoch']} step {state['step']} "
+                  f"({len(state['seen_ids'])} images of that epoch already seen)")
+    elif config.get("init_from"):
+        report = init_weights(model, config["init_from"], config["categories"], tracking_uri=config.get("tracking_uri"))
+        if rank == 0:
+            print(f"[train] initialised from {config['init_from']}: {report}")
+        if ema is not None:
+            ema = build_ema(model, tcfg.ema_decay)
+
+    model.to(device)
+    if ema is not None:
+        ema.to(device)
+    optimizer_to(optimizer, device)
+    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})  # Ray:
+
+    per_worker = job.data.batch_size
+    accum = max(1, round(tcfg.total_batch_size / (per_worker * world)))
+    if rank == 0:
+        print(f"[train] {world} worker(s) x batch {per_worker} x accumulation {accum} = "
+              f"{per_worker * world * accum} images per step (configured {tcfg.total_batch_size})")
+    train_shard = ray.train.get_dataset_shard("train")  # Ray:
+    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None  # Ray:
+    tracker = _Tracker(config, rank)
+    config_yaml = dump_yaml(job)
+
+    def save_and_report(metrics: dict[str, float], epoch_done: bool) -> None:
+        seen_all = [] if epoch_done else _gather_ids(seen_local, world)
+        trainer_state = {**state, "seen_ids": seen_all, "world_size": world,
+                         "mlflow_run_id": config.get("mlflow_run_id", "")}
+        checkpoint = None
+        tmp = tempfile.mkdtemp(prefix="codetr-ckpt-")
+        if rank == 0:
+            ckpt_io.save_checkpoint(
+                tmp, model_state=model.state_dict(), trainer_state=trainer_state, config_yaml=config_yaml,
+                categories=config["categories"], optimizer_state=optimizer.state_dict(),
+                ema_state=ema.module.state_dict() if ema is not None else None)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)  # Ray:
+        ray.train.report({**metrics, "step": state["step"], "epoch": state["epoch"]}, checkpoint=checkpoint)  # Ray:
+
+    max_steps = tcfg.max_steps if tcfg.max_steps > 0 else None
+    done = max_steps is not None and state["step"] >= max_steps
+    while not done and state["epoch"] < tcfg.epochs:
+        epoch = state["epoch"]
+        seed_everything(tcfg.seed, epoch, rank)
+        seen = set(state["seen_ids"])
+        seen_local: list[int] = list(state["seen_ids"]) if rank == 0 else []
+        stats, micro = StepStats(), 0
+        ddp_model.train()
+        batches = iter_batches(train_shard, per_worker, device, epoch=epoch)
+        t_wait = time.perf_counter()
+        while True:
+            batch = next(batches, None)
+            while batch is not None and _drop_seen(batch, seen) is None:
+                batch = next(batches, None)
+            if batch is not None:
+                batch = _drop_seen(batch, seen)
+            if not _all_have(batch is not None, world):
+                break
+            t0 = time.perf_counter()
+            stats.data_wait_s += t0 - t_wait
+            set_lr(optimizer, lr_factor(state["step"], epoch, tcfg))
+            losses = backward_micro_batch(
+                ddp_model, batch.images, batch.masks, batch.targets, accum=accum, device=device, amp=tcfg.amp,
+                step=state["step"], nonfinite=tcfg.nonfinite, no_sync=(micro + 1) % accum != 0)
+            micro += 1
+            seen_local.extend(int(t["image_id"]) for t in batch.targets)
+            if losses is None:
+                stats.skipped_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                stats.add(losses, len(batch.targets))
+            if micro % accum == 0:
+                optimizer_step(ddp_model, optimizer, tcfg.clip_grad_norm, ema)
+                state["step"] += 1
+                if state["step"] % tcfg.log_every_steps == 0:
+                    metrics = {**stats.summary(world), "train/lr": optimizer.param_groups[0]["lr"] /
+                               optimizer.param_groups[0]["lr_mult"]}
+                    tracker.log(metrics, state["step"])
+                    stats = StepStats()
+                done = max_steps is not None and state["step"] >= max_steps
+                if done or (tcfg.checkpoint_every_steps and state["step"] % tcfg.checkpoint_every_steps == 0):
+                    if not done:
+                        save_and_report({}, epoch_done=False)
+            stats.compute_s += time.perf_counter() - t0
+            t_wait = time.perf_counter()
+            if done:
+                break
+        state["epoch"] = epoch + 1
+        state["seen_ids"] = []
+        seen_local = []
+        metrics: dict[str, float] = {}
+        last = done or state["epoch"] >= tcfg.epochs
+        if val_shard is not None and (last or state["epoch"] % job.eval.every_epochs == 0):
+            eval_model = ema.module if ema is not None else model
+            metrics = evaluate_distributed(eval_model, val_shard, job, config["categories"], job.data.shards,
+                                           device, rank, world)
+            if rank == 0:
+                print(f"[eval] epoch {state['epoch']} step {state['step']}: " +
+                      ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                state["best_ap"] = max(state["best_ap"], metrics.get("val/AP", -1.0))
+        tracker.log(metrics, state["step"])
+        save_and_report(metrics, epoch_done=True)
+    tracker.close()
+
+
+def optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for st in optimizer.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v) and k != "step":
+                st[k] = v.to(device)
+
+
+class _Tracker:
+    """Rank-0 MLflow logging of step metrics (no-op on other ranks or when tracking is off)."""
+
+    def __init__(self, config: dict[str, Any], rank: int) -> None:
+        self.enabled = rank == 0 and bool(config.get("mlflow_run_id"))
+        self.uri, self.run_id = config.get("tracking_uri", ""), config.get("mlflow_run_id", "")
+        self.history: list[dict[str, float]] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not metrics or not self.enabled:
+            return
+        from pipeline.tracking.mlflow_tracking import log_metrics
+
+        log_metrics(self.uri, self.run_id, metrics, step)
+        self.history.append({"step": step, **metrics})
+
+    def close(self) -> None:
+        if self.enabled and self.history:
+            from pipeline.tracking.mlflow_tracking import log_text
+
+            log_text(self.uri, self.run_id, "\n".join(json.dumps(h) for h in self.history),
+                     "metrics/worker_history.jsonl")

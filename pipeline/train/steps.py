@@ -1,0 +1,105 @@
+"""One optimizer step of plain PyTorch, with no Ray in sight: forward under autocast, loss guard, backward with
+gradient accumulation, clipping, AdamW, EMA. The per-worker loop (`loop.py`) drives it."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term is NaN or infinite; the message lists every term."""
+
+
+def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU for amp in ("auto", "bf16"); fp32 elsewhere. The model computes its losses in fp32."""
+    if device.type == "cuda" and amp in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and amp == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_finite(losses: dict[str, torch.Tensor], step: int) -> bool:
+    total = sum(float(v.detach()) for v in losses.values())
+    if math.isfinite(total):
+        return True
+    terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+    raise NonFiniteLossError(f"non-finite loss at step {step}: {terms}")
+
+
+@dataclass
+class StepStats:
+    """Running sums between two log points."""
+
+    loss_sums: dict[str, float] = field(default_factory=dict)
+    micro_batches: int = 0
+    images: int = 0
+    skipped_steps: int = 0
+    data_wait_s: float = 0.0
+    compute_s: float = 0.0
+
+    def add(self, losses: dict[str, torch.Tensor], images: int) -> None:
+        for k, v in losses.items():
+            self.loss_sums[k] = self.loss_sums.get(k, 0.0) + float(v.detach())
+        self.micro_batches += 1
+        self.images += images
+
+    def summary(self, world_size: int) -> dict[str, float]:
+        n = max(self.micro_batches, 1)
+        out = {f"train/{k}": v / n for k, v in self.loss_sums.items() if not k.endswith("acc")}
+        out.update({f"train/{k}": v / n for k, v in self.loss_sums.items() if k.endswith("acc")})
+        loss_keys = [k for k in self.loss_sums if "loss" in k]
+        out["train/loss"] = sum(self.loss_sums[k] for k in loss_keys) / n
+        wall = self.data_wait_s + self.compute_s
+        out["train/images_per_s"] = self.images * world_size / wall if wall > 0 else 0.0
+        out["train/data_wait_fraction"] = self.data_wait_s / wall if wall > 0 else 0.0
+        out["train/skipped_steps"] = float(self.skipped_steps)
+        return out
+
+
+def backward_micro_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    targets: list[dict],
+    *,
+    accum: int,
+    device: torch.device,
+    amp: str,
+    step: int,
+    nonfinite: str,
+    no_sync: bool,
+) -> dict[str, torch.Tensor] | None:
+    """Forward + backward of one micro-batch; returns the loss terms, or None if skipped as non-finite."""
+    sync_ctx = model.no_sync() if (no_sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
+    with sync_ctx:
+        with autocast_context(device, amp):
+            losses = model(images, masks, targets)
+        losses = {k: v.float() for k, v in losses.items()}
+        try:
+            check_finite(losses, step)
+        except NonFiniteLossError:
+            if nonfinite == "raise":
+                raise
+            return None
+        total = sum(v for k, v in losses.items() if "loss" in k)
+        (total / accum).backward()
+    return losses
+
+
+def optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad_norm: float, ema: nn.Module | None
+) -> float:
+    """Clip, step, zero grads, update the EMA. Returns the pre-clip gradient norm."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm) if clip_grad_norm > 0 else torch.zeros(())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update_parameters(model.module if hasattr(model, "module") else model)
+    return float(norm)
