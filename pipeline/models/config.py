@@ -1,0 +1,217 @@
+"""Model configuration: a frozen dataclass tree whose defaults are the authors' Co-DINO 5-scale R50 1x numbers.
+
+Sources: CO_DETR_SPEC.md (sections in brackets). Pure dataclasses, no torch import, so that configs load anywhere.
+YAML files are loaded by `pipeline.config` (`from_dict(ModelConfig, d)` / `load`), which rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Image backbone [1.1 Backbone]."""
+
+    name: str = "resnet50"  # timm model name (or an alias known to pipeline/models/backbone.py)
+    out_indices: tuple[int, ...] = (0, 1, 2, 3)  # stages returned: C2..C5 (strides 4..32)
+    frozen_stages: int = 1  # stem + this many stages get no gradient (-1/0: nothing frozen)
+    norm: str = "frozen_bn"  # "frozen_bn" (pretrained recipe) | "bn" (trainable, from-scratch recipe)
+    pretrained: bool = False  # load timm/torchvision ImageNet weights (needs network or a cache)
+    weights: str | None = None  # optional path of a backbone state dict to load
+    checkpointing: bool = False  # activation checkpointing inside the backbone (memory only)
+    drop_path_rate: float = 0.0  # stochastic depth (Swin-L: 0.3..0.6, ViT-L: 0.4)
+
+
+@dataclass(frozen=True)
+class NeckConfig:
+    """ChannelMapper neck [1.1 Neck]: 1x1 conv + GN(32) per level, extra 3x3 s2 conv on the raw last map."""
+
+    out_channels: int = 256  # = transformer.embed_dims
+    num_outs: int = 5  # number of output levels (extra levels come from the last backbone map)
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Deformable encoder / DINO decoder with two-stage query selection [1.1 Encoder, Decoder, Two-stage]."""
+
+    embed_dims: int = 256  # C
+    num_heads: int = 8  # heads of MSDeformAttn and of the decoder self-attention
+    num_levels: int = 5  # feature levels seen by MSDeformAttn (= neck.num_outs)
+    num_points: int = 4  # sampling points per head and level
+    num_encoder_layers: int = 6  # 9 in the "9encoder" variants
+    num_decoder_layers: int = 6  # L
+    ffn_dim: int = 2048  # FFN hidden size, encoder and decoder
+    dropout: float = 0.0  # attention and FFN dropout
+    num_queries: int = 900  # matching queries = two-stage top-k (1500 for ViT-L O365)
+    encoder_checkpoint_layers: int = 4  # `with_cp`: activation checkpointing on the first N encoder layers
+    pe_num_feats: int = 128  # sine PE features per axis (= embed_dims / 2)
+    pe_temperature: float = 20.0  # map sine PE temperature (Co-DINO 20; Co-Deformable 10000)
+    pe_normalize: bool = True  # normalise the cumulative sums to [0, 2pi]
+    pe_offset: float = 0.0  # added before normalising (Co-Deformable -0.5)
+    box_pe_temperature: float = 10000.0  # temperature of the sine embedding of reference boxes
+    proposal_base_wh: float = 0.05  # encoder anchor w = h = base * 2**level
+    proposal_valid_min: float = 0.01  # anchor valid if every coordinate > min ...
+    proposal_valid_max: float = 0.99  # ... and < max
+    ref_eps: float = 1e-3  # inverse_sigmoid eps in the decoder refinement and the head
+    with_padding_mask: bool = True  # False = LSJ `with_attn_mask=False`: img_shape := padded shape, no mask
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Prediction branches [1.1 Prediction branches and init]."""
+
+    num_reg_fcs: int = 2  # hidden Linear+ReLU pairs in each reg branch (then Linear C->4)
+    cls_prior_prob: float = 0.01  # class bias init = -log((1-p)/p) = -4.595
+
+
+@dataclass(frozen=True)
+class DenoisingConfig:
+    """Contrastive denoising [1.1 CDN]."""
+
+    enabled: bool = True  # add CDN queries in training
+    num_dn_queries: int = 100  # dynamic groups: G = max(1, num_dn_queries // max_gt)
+    label_noise: float = 0.5  # a label is resampled with probability label_noise * 0.5
+    box_noise: float = 1.0  # corner noise scale (x half the box size)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """One-to-one losses [4.1]; the same weights for decoder layers, encoder proposals, DN and aux queries."""
+
+    cls_weight: float = 1.0  # QualityFocalLoss weight
+    qfl_beta: float = 2.0  # QFL modulating exponent
+    bbox_weight: float = 5.0  # L1 on normalised cxcywh
+    iou_weight: float = 2.0  # GIoU on pixel xyxy
+    iou_eps: float = 1e-6  # eps of the IoU used as the QFL target (mmdet bbox_overlaps)
+
+
+@dataclass(frozen=True)
+class MatcherConfig:
+    """Hungarian matcher costs [4.1]."""
+
+    cls_cost: float = 2.0  # FocalLossCost weight
+    l1_cost: float = 5.0  # BBoxL1Cost weight (normalised cxcywh)
+    giou_cost: float = 2.0  # IoUCost (GIoU, pixel xyxy) weight
+    alpha: float = 0.25  # focal cost alpha
+    gamma: float = 2.0  # focal cost gamma
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    """Inference post-processing [5.3]."""
+
+    __test__ = False  # not a pytest class
+
+    topk: int = 900  # top-k over Q*nc sigmoid scores before NMS (authors' 2.x: num_query; mmdet 3.x: 300)
+    nms: str = "soft"  # "soft" (class-aware linear soft-NMS) | "hard" | "none"
+    iou_threshold: float = 0.8  # NMS IoU threshold
+    sigma: float = 0.5  # soft-NMS sigma (gaussian method only)
+    min_score: float = 1e-3  # soft-NMS drops boxes whose decayed score falls below this
+    max_per_img: int = 300  # detections kept per image
+    score_threshold: float = 0.0  # drop detections with a score <= this (authors: 0)
+
+
+@dataclass(frozen=True)
+class ATSSConfig:
+    """ATSS auxiliary head [2.2]; loss weights are base weights, multiplied by lambda2 * num_dec_layers_factor."""
+
+    stacked_convs: int = 1  # conv+GN+ReLU per tower
+    anchor_scale: float = 8.0  # anchor size = scale * stride, ratio 1, one anchor per location
+    strides: tuple[int, ...] = (4, 8, 16, 32, 64, 128)  # adapter map strides
+    topk: int = 9  # ATSS candidates per level and GT
+    coder_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)  # DeltaXYWH target stds
+    focal_alpha: float = 0.25  # sigmoid focal loss alpha
+    focal_gamma: float = 2.0  # sigmoid focal loss gamma
+    cls_weight: float = 1.0  # x12 -> 12
+    bbox_weight: float = 2.0  # GIoU, x12 -> 24
+    centerness_weight: float = 1.0  # BCE, x12 -> 12
+
+
+@dataclass(frozen=True)
+class FasterRCNNConfig:
+    """RPN + RoI head auxiliary head [2.3]; loss weights are base weights (x lambda2 * factor)."""
+
+    anchor_octave_base_scale: float = 4.0  # RPN anchor base scale
+    anchor_scales_per_octave: int = 3  # RPN scales per octave
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # RPN anchor ratios (9 anchors / location)
+    strides: tuple[int, ...] = (4, 8, 16, 32, 64, 128)  # adapter map strides
+    rpn_pos_iou: float = 0.7  # RPN MaxIoU positive threshold
+    rpn_neg_iou: float = 0.3  # RPN MaxIoU negative threshold
+    rpn_min_pos_iou: float = 0.3  # RPN low-quality match threshold
+    rpn_num_samples: int = 256  # RPN sampler size per image
+    rpn_pos_fraction: float = 0.5  # RPN sampler positive fraction
+    rpn_nms_pre: int = 4000  # proposals kept per level before NMS (training)
+    rpn_nms_iou: float = 0.7  # proposal NMS threshold
+    rpn_max_per_img: int = 1000  # proposals kept per image
+    rpn_cls_weight: float = 1.0  # BCE, x12
+    rpn_bbox_weight: float = 1.0  # L1 on deltas, x12
+    roi_pos_iou: float = 0.5  # RoI MaxIoU positive threshold (= negative, = min_pos)
+    roi_num_samples: int = 512  # RoI sampler size per image
+    roi_pos_fraction: float = 0.25  # RoI sampler positive fraction
+    roi_add_gt_as_proposals: bool = True  # GT boxes join the proposals
+    roi_output_size: int = 7  # RoIAlign output size
+    roi_finest_scale: int = 56  # level mapping scale (Co-Deformable 112)
+    roi_fc_dim: int = 1024  # Shared2FC hidden size
+    roi_coder_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)  # DeltaXYWH target stds
+    roi_cls_weight: float = 1.0  # softmax CE, x12
+    roi_bbox_weight: float = 10.0  # GIoU on decoded boxes, x12 -> 120
+
+
+@dataclass(frozen=True)
+class CoConfig:
+    """Collaborative hybrid assignment training [2.1, 3]."""
+
+    lambda1: float = 1.0  # weight of the aux-query decoder losses
+    lambda2: float = 2.0  # weight of the aux heads (encoder) losses
+    aux_heads: tuple[str, ...] = ("atss", "faster_rcnn")  # K = len(aux_heads); () = plain DINO (K=0)
+    min_pos_queries: int = 9  # aux query group size lower bound (padded with negatives)
+    max_pos_queries: int = 300  # aux query group size upper bound
+    num_dec_layers_factor: int = 6  # aux head weights are base * factor * lambda2 (= 12)
+    atss: ATSSConfig = field(default_factory=ATSSConfig)  # ATSS head numbers
+    faster_rcnn: FasterRCNNConfig = field(default_factory=FasterRCNNConfig)  # RPN + RoI head numbers
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Co-DINO model. Defaults: `co_dino_5scale_r50_1x_coco` (80 classes, 900 queries, K=2)."""
+
+    num_classes: int = 80  # nc
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # image backbone
+    neck: NeckConfig = field(default_factory=NeckConfig)  # channel mapper
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)  # encoder / decoder
+    head: HeadConfig = field(default_factory=HeadConfig)  # prediction branches
+    dn: DenoisingConfig = field(default_factory=DenoisingConfig)  # contrastive denoising
+    loss: LossConfig = field(default_factory=LossConfig)  # one-to-one loss weights
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)  # Hungarian costs
+    test: TestConfig = field(default_factory=TestConfig)  # post-processing
+    co: CoConfig = field(default_factory=CoConfig)  # collaborative auxiliary heads
+
+    def __post_init__(self) -> None:
+        t = self.transformer
+        if self.num_classes < 1:
+            raise ValueError(f"model.num_classes must be >= 1, got {self.num_classes}")
+        if t.embed_dims != self.neck.out_channels:
+            raise ValueError(
+                f"model.neck.out_channels ({self.neck.out_channels}) must equal "
+                f"model.transformer.embed_dims ({t.embed_dims})"
+            )
+        if t.num_levels != self.neck.num_outs:
+            raise ValueError(
+                f"model.transformer.num_levels ({t.num_levels}) must equal model.neck.num_outs "
+                f"({self.neck.num_outs})"
+            )
+        if 2 * t.pe_num_feats != t.embed_dims:
+            raise ValueError(
+                f"model.transformer.pe_num_feats ({t.pe_num_feats}) must be embed_dims / 2 ({t.embed_dims // 2})"
+            )
+        if t.embed_dims % t.num_heads:
+            raise ValueError(f"embed_dims {t.embed_dims} is not divisible by num_heads {t.num_heads}")
+        if self.test.nms not in ("soft", "hard", "none"):
+            raise ValueError(f"model.test.nms must be 'soft', 'hard' or 'none', got {self.test.nms!r}")
+        if self.backbone.norm not in ("frozen_bn", "bn"):
+            raise ValueError(f"model.backbone.norm must be 'frozen_bn' or 'bn', got {self.backbone.norm!r}")
+        for name in self.co.aux_heads:
+            if name not in ("atss", "faster_rcnn"):
+                raise ValueError(f"unknown aux head {name!r} in model.co.aux_heads; expected 'atss' or 'faster_rcnn'")
+
