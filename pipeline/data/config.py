@@ -35,7 +35,7 @@ class AugmentConfig:
     crop_scales: tuple[int, ...] = (400, 500, 600)
     """detr crop branch: shorter sides of the resize before the crop."""
     crop_max_size: int = 4200
-    """detr crop branch: longest-side limit of that first resize (the authors' 4200, i.e. practically none)."""
+    """detr crop branch: longest-side limit of that first resize (the authors' 4200: practically none)."""
     crop_size: tuple[int, int] = (384, 600)
     """detr crop branch: crop height and width are each uniform in [min(side, lo), min(side, hi)] pixels."""
     lsj_size: int = 1024
@@ -47,7 +47,7 @@ class AugmentConfig:
     flip: float = 0.5
     """Probability of a horizontal flip (detr and lsj)."""
     min_box_size: float = 1e-2
-    """Boxes narrower or shorter than this (pixels) after a crop are dropped (the authors' FilterAnnotations)."""
+    """Boxes narrower or shorter than this (pixels) after augmentation are dropped (FilterAnnotations)."""
     antialias: bool = False
     """Antialias when downscaling. False matches the authors' cv2 bilinear resize (mmcv.imresize)."""
 
@@ -86,7 +86,7 @@ class DataConfig:
     """Shards -> Ray Data -> per-worker batches."""
 
     shards: str = ""
-    """URI of the shard root (`<shards>/manifest.json`, `<shards>/<split>/part-*.parquet`); any storage URI."""
+    """Shard root URI (`<shards>/manifest.json`, `<shards>/<split>/part-*.parquet`); any storage URI."""
     train_split: str = "train"
     val_split: str = "val"
     batch_size: int = 2

@@ -67,7 +67,7 @@ def evaluate_distributed(model: nn.Module, val_shard: Any, job: Any, categories:
     """Val AP with predictions from every worker; metrics (prefixed `val/`) returned on rank 0, {} elsewhere."""
     from pipeline.data.loader import iter_batches
 
-    batches = iter_batches(val_shard, job.eval.batch_size, device, epoch=0)
+    batches = iter_batches(val_shard, job.eval.batch_size, device, size_divisor=job.data.size_divisor)
     per_worker = job.eval.max_images // world if job.eval.max_images else 0
     local = predict(model, batches, per_worker)
     if world > 1:

@@ -1,5 +1,9 @@
 """MLflow: runs, params, metrics, artefacts and the model registry (aliases, never the deprecated stages).
 
+`latest`: MLflow 3 reserves the alias name "latest" (setting it raises) because `models:/<name>/latest` is built
+in and always resolves to the newest version. So registration sets only `champion`, and every loader here accepts
+`models:/<name>@latest` as a synonym of the built-in `models:/<name>/latest`.
+
 Only the driver and rank 0 call these. The embedded default store is an absolute-path SQLite file (a relative
 `sqlite:///mlflow.db` would resolve inside Ray's session directory on the workers).
 """
@@ -93,8 +97,8 @@ def log_and_register_model(
     code_paths: list[str] | None = None,
 ) -> tuple[int, bool]:
     """Log `model` (pickle serialisation with the package code) to the run, register it as a new version of
-    `registered_name`, point alias `latest` at it and move `champion` only if `metric_value` beats the current
-    champion's. Returns (version, became_champion)."""
+    `registered_name` (so `models:/<name>/latest` resolves to it) and move alias `champion` only if
+    `metric_value` beats the current champion's. Returns (version, became_champion)."""
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     with mlflow.start_run(run_id=run_id):
@@ -109,7 +113,6 @@ def log_and_register_model(
     version = int(mv.version)
     client.set_model_version_tag(registered_name, str(version), metric_name, f"{metric_value:.6f}")
     client.set_model_version_tag(registered_name, str(version), "run_id", run_id)
-    client.set_registered_model_alias(registered_name, "latest", str(version))
     champion = True
     try:
         current = client.get_model_version_by_alias(registered_name, "champion")
@@ -130,11 +133,19 @@ def _pip_requirements() -> list[str]:
             "timm", "scipy"]
 
 
+def normalize_model_uri(uri: str) -> str:
+    """`models:/name@latest` -> `models:/name/latest` (MLflow's built-in; "latest" cannot be an alias)."""
+    if uri.startswith("models:/") and uri.lower().endswith("@latest"):
+        return uri[: -len("@latest")] + "/latest"
+    return uri
+
+
 def load_registered_model(uri: str, tracking_uri: str | None = None) -> Any:
-    """`models:/name@alias`, `models:/name/3` or `runs:/<id>/model` -> the logged nn.Module (eval mode)."""
+    """`models:/name@alias`, `models:/name@latest`, `models:/name/3` or `runs:/<id>/model` -> the logged
+    nn.Module (eval mode)."""
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    model = mlflow.pytorch.load_model(normalize_model_uri(uri), map_location="cpu")
     return model.eval()
 
 

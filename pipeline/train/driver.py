@@ -189,7 +189,7 @@ def _register(job: JobConfig, res: StageResult, categories: list[dict]) -> Stage
                                                    code_paths=[package_dir])
     res.registered_name, res.registered_version, res.champion = name, version, champion
     res.model_uri = f"models:/{name}/{version}"
-    print(f"[mlflow] registered {res.model_uri} (alias latest{', champion' if champion else ''}), val AP {ap:.4f}")
+    print(f"[mlflow] registered {res.model_uri} (latest{', alias champion' if champion else ''}), val AP {ap:.4f}")
     return res
 
 

@@ -10,6 +10,7 @@ by agreeing each micro-step whether every worker still has a batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -59,7 +60,8 @@ def _drop_seen(batch: Any, seen: set[int]) -> Any | None:
         return None
     if len(keep) == len(batch.targets):
         return batch
-    return batch.select(keep)
+    return dataclasses.replace(batch, images=batch.images[keep], masks=batch.masks[keep],
+                               targets=[batch.targets[i] for i in keep])
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -145,7 +147,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seen_local: list[int] = list(state["seen_ids"]) if rank == 0 else []
         stats, micro = StepStats(), 0
         ddp_model.train()
-        batches = iter_batches(train_shard, per_worker, device, epoch=epoch)
+        batches = iter_batches(train_shard, per_worker, device, size_divisor=job.data.size_divisor,
+                               shuffle_buffer=job.data.shuffle_buffer, prefetch_batches=job.data.prefetch_batches,
+                               shuffle_seed=(tcfg.seed * 1_000_003 + epoch * 1009 + rank) % (2**31))
         t_wait = time.perf_counter()
         while True:
             batch = next(batches, None)

@@ -1,0 +1,259 @@
+"""ATSS auxiliary head of Co-DETR (`CoATSSHead`, CO_DETR_SPEC.md 2.2), numerics of the mmdet 3.x port.
+
+Architecture (authors' key names under `bbox_head.0.`): one 3x3 conv (no bias) + GN(32) + ReLU per tower
+(`cls_convs.0.conv/gn`, `reg_convs.0.conv/gn`), then 3x3 convs `atss_cls` (nc), `atss_reg` (4), `atss_centerness`
+(1) and a learnable `Scale` per level (`scales.{i}.scale`) on the box deltas. Init N(0, 0.01), cls bias prior 0.01.
+
+Training (per image): mmdet anchors (1 per location, size 8 * stride, centre (x s, y s)). Every anchor of the
+batch maps is valid by default (pad_size_divisor=0), which is what the golden reference computes (checked:
+loss_cls1 differs by 0.1 otherwise); pad_size_divisor=d > 0 instead ignores anchors outside the image's own
+padded extent ceil(size / d) * d (mmdet `valid_flags` with a per-image pad_shape, as mmdet's data preprocessor
+with pad_size_divisor=32 would set it). ATSSAssigner(topk=9) on the valid anchors. Losses (the authors' keys
+with the head's index, default 1):
+
+  loss_cls{i}        = w_cls * sum focal(cls, onehot) over valid anchors / N,   N = reduce_mean(sum_b max(#pos_b, 1))
+  loss_bbox{i}       = w_bbox * sum c * (1 - GIoU(decode(anchor, delta), gt)) / max(reduce_mean(sum c), 1)
+  loss_centerness{i} = w_ctr * sum BCE(centerness logit, c) / N
+with c = centerness target of the positive anchor w.r.t. its GT, and decode = DeltaXYWH (stds 0.1, 0.1, 0.2, 0.2).
+mmdet sums per-level terms; summing all anchors at once is the same computation up to float summation order.
+
+Export: AuxPositives(head="atss", coords = all anchors (N, 4) xyxy, labels (N,) bg = nc (also for invalid anchors),
+targets (N, 4) assigned GT xyxy (zeros for negatives), feats=None).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.models.anchors import grid_anchors, valid_flags
+from pipeline.models.assigners import ATSSAssigner
+from pipeline.models.aux.base import AuxHead, AuxPositives
+from pipeline.models.box_ops import DeltaXYWHCoder, box_cxcywh_to_xyxy
+from pipeline.models.loss_weights import AtssWeights, co_loss_weights
+from pipeline.models.losses import giou_loss, reduce_mean, sigmoid_focal_loss, weight_reduce_loss
+
+
+class Scale(nn.Module):
+    """A learnable scalar multiplier (mmcv `Scale`); parameter key `scale`."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(scale, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+class ConvGNReLU(nn.Module):
+    """3x3 conv without bias + GroupNorm + ReLU (mmcv `ConvModule` with GN); keys `conv.*`, `gn.*`."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int = 32) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.gn = nn.GroupNorm(num_groups, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.gn(self.conv(x)))
+
+
+def centerness_target(anchors: Tensor, gts: Tensor) -> Tensor:
+    """FCOS/ATSS centerness of anchor centres inside their GT: anchors, gts (P, 4) xyxy -> (P,)."""
+    cx = (anchors[:, 2] + anchors[:, 0]) / 2
+    cy = (anchors[:, 3] + anchors[:, 1]) / 2
+    lr = torch.stack([cx - gts[:, 0], gts[:, 2] - cx], dim=1)
+    tb = torch.stack([cy - gts[:, 1], gts[:, 3] - cy], dim=1)
+    return torch.sqrt((lr.min(dim=-1).values / lr.max(dim=-1).values) * (tb.min(dim=-1).values / tb.max(dim=-1).values))
+
+
+class ATSSHead(AuxHead):
+    """ATSS head on the adapter maps. forward_train(feats, targets, img_sizes) -> (losses, AuxPositives)."""
+
+    name = "atss"
+
+    def __init__(
+        self,
+        num_classes: int = 80,
+        in_channels: int = 256,
+        feat_channels: int = 256,
+        stacked_convs: int = 1,
+        strides: Sequence[int] = (4, 8, 16, 32, 64, 128),
+        anchor_scale: float = 8.0,
+        topk: int = 9,
+        target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2),
+        weights: AtssWeights | None = None,
+        loss_index: int = 1,
+        pad_size_divisor: int = 0,
+        prior_prob: float = 0.01,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.strides = tuple(int(s) for s in strides)
+        self.anchor_scale = float(anchor_scale)
+        self.weights = weights if weights is not None else co_loss_weights().atss
+        self.loss_index = loss_index  # suffix of the loss keys: the authors' K order, RoI heads first
+        self.pad_size_divisor = pad_size_divisor
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.assigner = ATSSAssigner(topk=topk)
+        self.coder = DeltaXYWHCoder(means=(0.0, 0.0, 0.0, 0.0), stds=target_stds)
+
+        self.cls_convs = nn.ModuleList(
+            [ConvGNReLU(in_channels if i == 0 else feat_channels, feat_channels) for i in range(stacked_convs)]
+        )
+        self.reg_convs = nn.ModuleList(
+            [ConvGNReLU(in_channels if i == 0 else feat_channels, feat_channels) for i in range(stacked_convs)]
+        )
+        self.atss_cls = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
+        self.atss_reg = nn.Conv2d(feat_channels, 4, 3, padding=1)
+        self.atss_centerness = nn.Conv2d(feat_channels, 1, 3, padding=1)
+        self.scales = nn.ModuleList([Scale(1.0) for _ in self.strides])
+        self.reset_parameters(prior_prob)
+
+    def reset_parameters(self, prior_prob: float = 0.01) -> None:
+        """mmdet init_cfg: Normal(std 0.01, bias 0) on every Conv2d, atss_cls bias = -log((1 - p) / p)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.constant_(self.atss_cls.bias, -float(torch.log(torch.tensor((1 - prior_prob) / prior_prob))))
+
+    def forward(self, feats: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """feats: L maps (B, C, h_l, w_l) -> per level cls (B, nc, h, w), deltas (B, 4, h, w) float32,
+        centerness (B, 1, h, w)."""
+        if len(feats) != len(self.strides):
+            raise ValueError(f"ATSSHead expects {len(self.strides)} maps (strides {self.strides}), got {len(feats)}")
+        cls_scores, bbox_preds, centernesses = [], [], []
+        for x, scale in zip(feats, self.scales):
+            cls_feat, reg_feat = x, x
+            for conv in self.cls_convs:
+                cls_feat = conv(cls_feat)
+            for conv in self.reg_convs:
+                reg_feat = conv(reg_feat)
+            cls_scores.append(self.atss_cls(cls_feat))
+            bbox_preds.append(scale(self.atss_reg(reg_feat)).float())
+            centernesses.append(self.atss_centerness(reg_feat))
+        return cls_scores, bbox_preds, centernesses
+
+    @torch.no_grad()
+    def get_targets(
+        self, anchors: Tensor, num_level_anchors: list[int], flags: list[Tensor], gt_boxes: Tensor, gt_labels: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """One image: anchors (N, 4), flags per level (n_l,) bool, GT (G, 4) xyxy pixels, (G,) labels ->
+        labels (N,) bg = nc, label_weights (N,) (1 on valid anchors), targets (N, 4) GT xyxy, #pos."""
+        valid = torch.cat(flags)
+        num_level_valid = [int(f.sum()) for f in flags]
+        result = self.assigner.assign(anchors[valid], num_level_valid, gt_boxes, gt_labels)
+        n = anchors.shape[0]
+        labels = anchors.new_full((n,), self.num_classes, dtype=torch.long)
+        label_weights = valid.to(anchors.dtype)
+        targets = anchors.new_zeros((n, 4))
+        valid_idx = valid.nonzero().squeeze(1)
+        pos = result.pos_mask
+        pos_idx = valid_idx[pos]
+        labels[pos_idx] = result.labels[pos]
+        targets[pos_idx] = gt_boxes[result.gt_inds[pos] - 1]
+        return labels, label_weights, targets, int(pos.sum())
+
+    def forward_train(
+        self, feats: list[Tensor], targets: list[dict[str, Tensor]], img_sizes: Tensor
+    ) -> tuple[dict[str, Tensor], AuxPositives]:
+        cls_scores, bbox_preds, centernesses = self(feats)
+        device = cls_scores[0].device
+        b = cls_scores[0].shape[0]
+        sizes = [(int(m.shape[-2]), int(m.shape[-1])) for m in cls_scores]
+        level_anchors = grid_anchors(sizes, self.strides, scales=(self.anchor_scale,), ratios=(1.0,), device=device)
+        num_level_anchors = [a.shape[0] for a in level_anchors]
+        anchors = torch.cat(level_anchors)  # (N, 4)
+
+        all_labels, all_weights, all_targets, num_pos_total = [], [], [], 0
+        for i in range(b):
+            h, w = (int(v) for v in img_sizes[i])
+            if self.pad_size_divisor > 0:
+                d = self.pad_size_divisor
+                pad = (-(-h // d) * d, -(-w // d) * d)
+            else:
+                pad = (10**9, 10**9)  # every location of the batch maps is valid
+            flags = valid_flags(sizes, self.strides, pad, 1, device)
+            gt = targets[i]["boxes"].to(device=device, dtype=torch.float32)
+            gt_xyxy = box_cxcywh_to_xyxy(gt) * gt.new_tensor([w, h, w, h])
+            labels, weights, tgt, num_pos = self.get_targets(
+                anchors, num_level_anchors, flags, gt_xyxy, targets[i]["labels"].to(device)
+            )
+            all_labels.append(labels)
+            all_weights.append(weights)
+            all_targets.append(tgt)
+            num_pos_total += max(num_pos, 1)  # mmdet SamplingResult.num_pos = max(#pos, 1)
+
+        losses = self.loss(
+            anchors,
+            cls_scores,
+            bbox_preds,
+            centernesses,
+            torch.stack(all_labels),
+            torch.stack(all_weights),
+            torch.stack(all_targets),
+            num_pos_total,
+        )
+        positives = AuxPositives(
+            head=self.name, coords=[anchors] * b, labels=all_labels, targets=all_targets, feats=None
+        )
+        return losses, positives
+
+    def loss(
+        self,
+        anchors: Tensor,
+        cls_scores: list[Tensor],
+        bbox_preds: list[Tensor],
+        centernesses: list[Tensor],
+        labels: Tensor,
+        label_weights: Tensor,
+        bbox_targets: Tensor,
+        num_pos_total: int,
+    ) -> dict[str, Tensor]:
+        """anchors (N, 4); per-level predictions; labels (B, N) bg = nc; label_weights (B, N); bbox_targets
+        (B, N, 4) GT xyxy; num_pos_total = sum_b max(#pos_b, 1). Returns the three weighted losses."""
+        b = labels.shape[0]
+        nc = self.num_classes
+        cls = torch.cat([s.permute(0, 2, 3, 1).reshape(b, -1, nc) for s in cls_scores], 1).float()  # (B, N, nc)
+        deltas = torch.cat([p.permute(0, 2, 3, 1).reshape(b, -1, 4) for p in bbox_preds], 1).float()  # (B, N, 4)
+        ctr = torch.cat([c.permute(0, 2, 3, 1).reshape(b, -1) for c in centernesses], 1).float()  # (B, N)
+
+        avg_factor = reduce_mean(cls.new_tensor(float(num_pos_total))).item()
+
+        loss_cls = sigmoid_focal_loss(
+            cls.reshape(-1, nc),
+            labels.reshape(-1),
+            weight=label_weights.reshape(-1),
+            avg_factor=avg_factor,
+            alpha=self.focal_alpha,
+            gamma=self.focal_gamma,
+        )
+        pos = (labels >= 0) & (labels < nc)
+        if pos.any():
+            pos_anchors = anchors[None].expand(b, -1, -1)[pos]  # (P, 4)
+            pos_gt = bbox_targets[pos]
+            ctr_targets = centerness_target(pos_anchors, pos_gt)
+            pred_boxes = self.coder.decode(pos_anchors, deltas[pos])
+            loss_bbox = giou_loss(pred_boxes, pos_gt, weight=ctr_targets, avg_factor=1.0)
+            bce = F.binary_cross_entropy_with_logits(ctr[pos], ctr_targets, reduction="none")
+            loss_ctr = weight_reduce_loss(bce, None, "mean", avg_factor)
+            ctr_sum = ctr_targets.sum()
+        else:
+            loss_bbox = deltas.sum() * 0
+            loss_ctr = ctr.sum() * 0
+            ctr_sum = deltas.new_tensor(0.0)
+        bbox_avg_factor = reduce_mean(ctr_sum.detach()).clamp(min=1).item()
+        loss_bbox = loss_bbox / bbox_avg_factor
+        k = self.loss_index
+        return {
+            f"loss_cls{k}": loss_cls * self.weights.cls,
+            f"loss_bbox{k}": loss_bbox * self.weights.bbox,
+            f"loss_centerness{k}": loss_ctr * self.weights.centerness,
+        }

@@ -1,0 +1,214 @@
+"""Customized positive queries of Co-DETR (CO_DETR_SPEC.md 3.1, 3.2, 3.4), Co-DINO flavour.
+
+1. `build_aux_groups`: the coordinates an auxiliary head exported (AuxPositives) become one fixed-size group per
+   batch: M = clamp(max #positives over the batch, min_pos, max_pos) queries per image, all positives kept (a
+   random subset of M if more), padded with randomly chosen negatives of the same head; normalised cxcywh.
+2. `AuxQueryProjection`: content query = LayerNorm(Linear_{2C->C}(sine(inverse_sigmoid(box)))) per head
+   (`aux_pos_trans.{i}`, `aux_pos_trans_norm.{i}`); the reference box is the group box itself.
+3. `aux_decoder_losses`: no matching; QFL (score = IoU of the detached prediction with its target on positives),
+   L1 on normalised cxcywh and GIoU on pixel xyxy, for every decoder layer, times lambda1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.models.aux.base import AuxPositives
+from pipeline.models.box_ops import aligned_iou, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from pipeline.models.loss_weights import AuxDecoderWeights, co_loss_weights
+from pipeline.models.losses import giou_loss, l1_loss, quality_focal_loss, reduce_mean, weight_reduce_loss
+from pipeline.models.position_encoding import get_proposal_pos_embed
+
+
+@dataclass
+class AuxGroup:
+    """One head's customized queries for the batch (M = group size, the same for every image).
+
+    boxes: (B, M, 4) cxcywh normalised by the unpadded size (h, w), not clamped (anchors may exceed [0, 1]).
+    labels: (B, M) long, class for positives, nc = background.
+    targets: (B, M, 4) cxcywh normalised, the assigned GT (meaningful where box_weights = 1).
+    label_weights: (B, M) float, 1 for real slots (positives and sampled negatives), 0 for filler slots.
+    box_weights: (B, M) float, 1 on positives only.
+    feats: (B, M, C) or None (Co-Deformable's coordinate features).
+    head: tag of the source head.
+    """
+
+    boxes: Tensor
+    labels: Tensor
+    targets: Tensor
+    label_weights: Tensor
+    box_weights: Tensor
+    head: str
+    feats: Tensor | None = None
+
+
+def _randperm(n: int, generator: torch.Generator | None) -> Tensor:
+    return torch.randperm(n, generator=generator)
+
+
+def build_aux_groups(
+    positives: AuxPositives,
+    img_sizes: Tensor,
+    num_classes: int,
+    min_pos: int = 9,
+    max_pos: int = 300,
+    generator: torch.Generator | None = None,
+) -> AuxGroup:
+    """AuxPositives (per image (M_i, 4) xyxy pixels) -> AuxGroup of M = clamp(max_b #pos_b, min_pos, max_pos).
+
+    img_sizes: (B, 2) (h, w) of the unpadded network input. `generator` (CPU) makes the random subsets
+    reproducible. Deviation from the authors (who would crash): if an image has fewer negatives than slots to
+    fill, negatives are drawn again with replacement, and with no negatives at all the rest is filled with zero
+    boxes of label bg and label weight 0.
+    """
+    coords, labels, targets = positives.coords, positives.labels, positives.targets
+    b = len(coords)
+    if img_sizes.shape[0] != b:
+        raise ValueError(f"img_sizes has {img_sizes.shape[0]} rows for {b} images of head {positives.head!r}")
+    pos_masks = [(lab >= 0) & (lab < num_classes) for lab in labels]
+    m = max([int(p.sum()) for p in pos_masks], default=0)
+    m = max(min_pos, min(max_pos, m))
+
+    out_boxes, out_labels, out_targets, out_lw, out_bw, out_feats = [], [], [], [], [], []
+    for i in range(b):
+        device = coords[i].device
+        h, w = (float(v) for v in img_sizes[i])
+        factor = coords[i].new_tensor([w, h, w, h])
+        pos_idx = pos_masks[i].nonzero().squeeze(1)
+        neg_idx = (labels[i] == num_classes).nonzero().squeeze(1)
+        if pos_idx.numel() > m:
+            pos_idx = pos_idx[_randperm(pos_idx.numel(), generator)[:m].to(device)]
+        num_fill = m - pos_idx.numel()
+        n_neg = neg_idx.numel()
+        if num_fill <= n_neg:
+            neg_sel = neg_idx[_randperm(n_neg, generator)[:num_fill].to(device)]
+        elif n_neg > 0:
+            extra = torch.randint(n_neg, (num_fill - n_neg,), generator=generator).to(device)
+            neg_sel = torch.cat([neg_idx[_randperm(n_neg, generator).to(device)], neg_idx[extra]])
+        else:
+            neg_sel = neg_idx  # empty: the filler below takes the rest
+        idx = torch.cat([pos_idx, neg_sel])
+        n_real, n_empty = idx.numel(), m - idx.numel()
+
+        box = box_xyxy_to_cxcywh(coords[i][idx] / factor)
+        tgt = box_xyxy_to_cxcywh(targets[i][idx] / factor)
+        lab = labels[i][idx].long()
+        lw = box.new_ones(n_real)
+        bw = box.new_zeros(n_real)
+        bw[: pos_idx.numel()] = 1.0
+        feat = positives.feats[i][idx] if positives.feats is not None else None
+        if n_empty:
+            box = torch.cat([box, box.new_zeros(n_empty, 4)])
+            tgt = torch.cat([tgt, tgt.new_zeros(n_empty, 4)])
+            lab = torch.cat([lab, lab.new_full((n_empty,), num_classes)])
+            lw = torch.cat([lw, lw.new_zeros(n_empty)])
+            bw = torch.cat([bw, bw.new_zeros(n_empty)])
+            if feat is not None:
+                feat = torch.cat([feat, feat.new_zeros(n_empty, feat.shape[1])])
+        out_boxes.append(box)
+        out_targets.append(tgt)
+        out_labels.append(lab)
+        out_lw.append(lw)
+        out_bw.append(bw)
+        out_feats.append(feat)
+
+    return AuxGroup(
+        boxes=torch.stack(out_boxes),
+        labels=torch.stack(out_labels),
+        targets=torch.stack(out_targets),
+        label_weights=torch.stack(out_lw),
+        box_weights=torch.stack(out_bw),
+        head=positives.head,
+        feats=torch.stack(out_feats) if positives.feats is not None else None,
+    )
+
+
+class AuxQueryProjection(nn.Module):
+    """Co-DINO content queries of the aux groups: q = LN_C(Linear_{2C->C}^{(head)}(PE(inverse_sigmoid(box)))).
+
+    PE = get_proposal_pos_embed: sigmoid, x 2 pi, C/2 frequencies per coordinate (temperature 10000), sin/cos
+    interleaved, order cx, cy, w, h -> 2C. Keys `aux_pos_trans.{i}.*`, `aux_pos_trans_norm.{i}.*` (authors'
+    `query_head.transformer.` prefix). Init: the authors' transformer init (Xavier-uniform weights, default bias).
+    forward(boxes (B, M, 4) normalised cxcywh, head_idx) -> (B, M, C).
+    """
+
+    def __init__(self, num_heads: int = 2, embed_dims: int = 256) -> None:
+        super().__init__()
+        if embed_dims % 2:
+            raise ValueError(f"embed_dims must be even, got {embed_dims}")
+        self.embed_dims = embed_dims
+        self.aux_pos_trans = nn.ModuleList([nn.Linear(2 * embed_dims, embed_dims) for _ in range(num_heads)])
+        self.aux_pos_trans_norm = nn.ModuleList([nn.LayerNorm(embed_dims) for _ in range(num_heads)])
+        for lin in self.aux_pos_trans:
+            nn.init.xavier_uniform_(lin.weight)
+
+    def forward(self, boxes: Tensor, head_idx: int) -> Tensor:
+        if not 0 <= head_idx < len(self.aux_pos_trans):
+            raise ValueError(f"head_idx {head_idx} out of range for {len(self.aux_pos_trans)} aux heads")
+        pe = get_proposal_pos_embed(inverse_sigmoid(boxes), num_feats=self.embed_dims // 2)  # (B, M, 2C)
+        return self.aux_pos_trans_norm[head_idx](self.aux_pos_trans[head_idx](pe))
+
+
+def _layer_losses(
+    logits: Tensor, boxes: Tensor, group: AuxGroup, factors: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One decoder layer: logits (B, M, nc), boxes (B, M, 4) normalised cxcywh -> unweighted (QFL, L1, GIoU)."""
+    labels = group.labels.reshape(-1)
+    label_w = group.label_weights.reshape(-1).to(logits.dtype)
+    box_w = group.box_weights.reshape(-1).to(logits.dtype)
+    targets = group.targets.reshape(-1, 4).to(logits.dtype)
+    logits = logits.reshape(-1, num_classes)
+    boxes = boxes.reshape(-1, 4)
+
+    pos = (labels >= 0) & (labels < num_classes)
+    num_pos = logits.new_tensor(float(pos.sum()))
+    scores = logits.new_zeros(labels.shape)
+    scores[pos] = aligned_iou(box_cxcywh_to_xyxy(boxes[pos].detach()), box_cxcywh_to_xyxy(targets[pos]))
+    cls_avg = reduce_mean(num_pos).clamp(min=1)
+    loss_cls = weight_reduce_loss(quality_focal_loss(logits, labels, scores, beta=2.0), label_w, "mean", cls_avg)
+
+    box_avg = reduce_mean(num_pos).clamp(min=1).item()
+    box_w4 = box_w[:, None].expand(-1, 4)
+    pred_px = box_cxcywh_to_xyxy(boxes) * factors
+    tgt_px = box_cxcywh_to_xyxy(targets) * factors
+    loss_iou = giou_loss(pred_px, tgt_px, weight=box_w4, avg_factor=box_avg)
+    loss_l1 = l1_loss(boxes, targets, weight=box_w4, avg_factor=box_avg)
+    return loss_cls, loss_l1, loss_iou
+
+
+def aux_decoder_losses(
+    cls_logits: Tensor,
+    boxes: Tensor,
+    group: AuxGroup,
+    img_sizes: Tensor,
+    weights: AuxDecoderWeights | None = None,
+    head_index: int = 0,
+) -> dict[str, Tensor]:
+    """Losses of one aux group over all decoder layers (authors' `loss_single_aux`).
+
+    cls_logits: (L, B, M, nc); boxes: (L, B, M, 4) sigmoid cxcywh normalised by the unpadded size; img_sizes:
+    (B, 2) (h, w). weights: effective (lambda1-scaled) weights, default co_loss_weights().aux_decoder.
+    Keys: last layer `loss_{cls,bbox,iou}_aux{k}`, others `d{l}.loss_{cls,bbox,iou}_aux{k}` (k = head_index,
+    group order RoI heads first).
+    """
+    weights = weights if weights is not None else co_loss_weights().aux_decoder
+    num_layers, b, m, nc = cls_logits.shape
+    if boxes.shape[:3] != (num_layers, b, m) or group.labels.shape != (b, m):
+        raise ValueError(
+            f"aux outputs {tuple(cls_logits.shape)} / {tuple(boxes.shape)} do not fit the group "
+            f"{tuple(group.labels.shape)}"
+        )
+    hw = img_sizes.to(device=boxes.device, dtype=boxes.dtype)
+    factors = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=1)  # (B, 4) w, h, w, h
+    factors = factors[:, None, :].expand(b, m, 4).reshape(-1, 4)
+    out: dict[str, Tensor] = {}
+    for layer in range(num_layers):
+        lc, lb, li = _layer_losses(cls_logits[layer].float(), boxes[layer].float(), group, factors.float(), nc)
+        prefix = "" if layer == num_layers - 1 else f"d{layer}."
+        out[f"{prefix}loss_cls_aux{head_index}"] = lc * weights.cls
+        out[f"{prefix}loss_bbox_aux{head_index}"] = lb * weights.bbox
+        out[f"{prefix}loss_iou_aux{head_index}"] = li * weights.iou
+    return out

@@ -1,0 +1,324 @@
+"""Co-DETR detector (Co-DINO): the one file that knows every part.
+
+    model = build_model(ModelConfig())          # authors' Co-DINO R50, K = len(cfg.co.aux_heads)
+    losses = model(images, masks, targets)      # train mode: dict of named, already-weighted loss terms
+    dets = model.eval()(images, masks)          # eval mode: list of dict(boxes xyxy, scores, labels)
+
+Data flow (CO_DETR_SPEC.md 1.1): backbone -> neck -> encoder -> two-stage top-k -> decoder (+ CDN queries in
+training) -> head. With K auxiliary heads (spec 2, 3) the encoder memory also feeds the multi-scale adapter,
+each aux head computes its own losses and exports positive coordinates, and each head's customized positive
+queries run their own decoder pass (`transformer.decode`) with the shared branches, losses x lambda1.
+Aux group k follows the authors' order: RoI heads (Faster R-CNN) first, then dense heads (ATSS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.models.config import ModelConfig, TestConfig
+from pipeline.models.denoising import CdnQueryGenerator, DenoisingQueries
+from pipeline.models.dino_head import DINOHead
+from pipeline.models.transformer import CoDinoTransformer, EncoderOutput
+from pipeline.models.two_stage import QuerySelection, padding_masks_from_sizes
+
+AUX_PREFIXES = ("aux_heads.", "adapter.", "aux_query_proj.")  # training-only parts, dropped at export
+
+
+@dataclass
+class DetectorOutputs:
+    """Everything one forward pass produces (matching part separated from the denoising part).
+
+    logits: (L, B, Q, nc) raw class logits per decoder layer; boxes: (L, B, Q, 4) sigmoid cxcywh normalised by
+    the unpadded size; references: (L + 1, B, Q, 4) decoder reference boxes; selection: encoder top-k;
+    enc: encoder memory; dn_logits / dn_boxes: (L, B, P, ...) of the denoising slots or None;
+    img_sizes: (B, 2) long (h, w) used to normalise boxes.
+    """
+
+    logits: Tensor
+    boxes: Tensor
+    references: Tensor
+    selection: QuerySelection
+    enc: EncoderOutput
+    img_sizes: Tensor
+    dn: DenoisingQueries | None = None
+    dn_logits: Tensor | None = None
+    dn_boxes: Tensor | None = None
+
+
+class CoDETR(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: nn.Module,
+        transformer: CoDinoTransformer,
+        head: DINOHead,
+        denoising: CdnQueryGenerator | None = None,
+        test_cfg: TestConfig | None = None,
+        with_padding_mask: bool = True,
+        aux_heads: list[nn.Module] | None = None,
+        adapter: nn.Module | None = None,
+        aux_query_proj: nn.Module | None = None,
+        aux_group_size: tuple[int, int] = (9, 300),
+        lambda1: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.transformer = transformer
+        self.head = head
+        self.denoising = denoising
+        self.test_cfg = test_cfg or TestConfig()
+        self.with_padding_mask = with_padding_mask
+        self.num_classes = head.num_classes
+        # --- collaborative auxiliary part (training only; K = len(aux_heads), 0 = plain DINO) ---
+        self.aux_heads = nn.ModuleList(aux_heads or [])
+        self.adapter = adapter
+        self.aux_query_proj = aux_query_proj
+        self.aux_group_size = aux_group_size
+        self.lambda1 = lambda1
+        if len(self.aux_heads) and (adapter is None or aux_query_proj is None):
+            raise ValueError("aux heads need an adapter and an aux query projection")
+
+    # ------------------------------------------------------------------------------------------------------
+    def image_sizes(
+        self, images: Tensor, masks: Tensor | None, targets: list[dict[str, Tensor]] | None, img_sizes: Tensor | None
+    ) -> Tensor:
+        """(B, 2) long (h, w) of the unpadded images: given, else from masks, else targets' `size`, else full."""
+        b, _, h, w = images.shape
+        if img_sizes is None and masks is not None:
+            valid = ~masks
+            img_sizes = torch.stack([valid.any(2).sum(1), valid.any(1).sum(1)], 1)
+        if img_sizes is None and targets is not None and all("size" in t for t in targets):
+            img_sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets])
+        if img_sizes is None:
+            img_sizes = torch.tensor([[h, w]] * b)
+        return img_sizes.to(device=images.device, dtype=torch.long)
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        """images (B, 3, H, W) -> neck maps, list of (B, C, h_l, w_l)."""
+        return list(self.neck(self.backbone(images)))
+
+    def run(self, images: Tensor, img_sizes: Tensor, dn: DenoisingQueries | None = None) -> DetectorOutputs:
+        """Backbone to head. img_sizes: (B, 2) (h, w); the padding mask is the complement of the top-left
+        img_sizes rectangles (or empty when `with_padding_mask` is False, the authors' LSJ setting)."""
+        mask = padding_masks_from_sizes(img_sizes, tuple(images.shape[-2:]))
+        if not self.with_padding_mask:
+            mask = torch.zeros_like(mask)
+        feats = self.features(images)
+        out = self.transformer(
+            feats,
+            mask,
+            self.head.cls_branches,
+            self.head.reg_branches,
+            dn_query=dn.query if dn is not None else None,
+            dn_box_logits=dn.box_logits if dn is not None else None,
+            attn_mask=dn.attn_mask if dn is not None else None,
+        )
+        hidden = out.hidden
+        if dn is not None and dn.pad_size == 0 and self.denoising is not None:
+            # no GT in the batch: keep the label embedding in the graph (DDP), as the authors do
+            hidden = torch.cat([hidden[:1] + 0.0 * self.denoising.label_embedding.weight[0, 0], hidden[1:]])
+        logits, boxes = self.head.predict(hidden, out.references)
+        p = dn.pad_size if dn is not None else 0
+        return DetectorOutputs(
+            logits=logits[:, :, p:],
+            boxes=boxes[:, :, p:],
+            references=out.references[:, :, p:],
+            selection=out.selection,
+            enc=out.enc,
+            img_sizes=img_sizes,
+            dn=dn,
+            dn_logits=logits[:, :, :p] if dn is not None else None,
+            dn_boxes=boxes[:, :, :p] if dn is not None else None,
+        )
+
+    def forward(
+        self,
+        images: Tensor,
+        masks: Tensor | None = None,
+        targets: list[dict[str, Tensor]] | None = None,
+        img_sizes: Tensor | None = None,
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """images: (B, 3, H, W) normalised, zero-padded bottom/right; masks: (B, H, W) True = padding;
+        targets: B dicts with `boxes (N, 4)` cxcywh normalised by the unpadded size, `labels (N,)`, `size`,
+        optionally `orig_size` (h, w) for rescaling detections.
+        Train: dict of losses. Eval: list of B dicts boxes (K, 4) xyxy pixels (orig_size if targets give it,
+        else network input), scores (K,), labels (K,)."""
+        sizes = self.image_sizes(images, masks, targets, img_sizes)
+        if self.training:
+            if targets is None:
+                raise ValueError("CoDETR in train mode needs targets; call model.eval() for inference")
+            return self.loss(images, sizes, targets)
+        return self.predict(images, sizes, targets)
+
+    # ------------------------------------------------------------------------------------------------------
+    def loss(self, images: Tensor, img_sizes: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        targets = self._loss_targets(targets, img_sizes, images.shape[-2:])
+        if not self.with_padding_mask:
+            img_sizes = torch.tensor([list(images.shape[-2:])] * len(targets), device=images.device)
+        dn = self.denoising(targets) if self.denoising is not None else None
+        out = self.run(images, img_sizes, dn)
+        losses = self.head.loss(out.logits, out.boxes, out.selection.logits, out.selection.boxes, targets, img_sizes)
+        if dn is not None and out.dn_logits is not None and out.dn_boxes is not None:
+            dn_targets = dn.targets(targets, self.num_classes)
+            losses.update(self.head.dn_loss(out.dn_logits, out.dn_boxes, dn_targets, img_sizes))
+        if len(self.aux_heads):
+            losses.update(self.aux_losses(out.enc, targets, img_sizes))
+        return losses
+
+    def aux_losses(
+        self, enc: EncoderOutput, targets: list[dict[str, Tensor]], img_sizes: Tensor
+    ) -> dict[str, Tensor]:
+        """Aux heads on the adapter maps, then one decoder pass per head's customized positive queries."""
+        from pipeline.models.aux_queries import aux_decoder_losses, build_aux_groups
+        from pipeline.models.loss_weights import AUX_DECODER_BASE, AuxDecoderWeights
+
+        assert self.adapter is not None and self.aux_query_proj is not None
+        maps = self.adapter(enc.memory, enc.spatial_shapes)  # L + 1 maps (B, C, h, w)
+        weights = AuxDecoderWeights(**{k: v * self.lambda1 for k, v in AUX_DECODER_BASE.items()})
+        losses: dict[str, Tensor] = {}
+        for k, aux_head in enumerate(self.aux_heads):
+            head_losses, positives = aux_head.forward_train(maps, targets, img_sizes)
+            losses.update(head_losses)
+            group = build_aux_groups(positives, img_sizes, self.num_classes, *self.aux_group_size)
+            query = self.aux_query_proj(group.boxes, k)
+            hidden, refs = self.transformer.decode(query, group.boxes, enc, self.head.reg_branches)
+            logits, boxes = self.head.predict(hidden, refs)
+            losses.update(aux_decoder_losses(logits, boxes, group, img_sizes, weights, head_index=k))
+        return losses
+
+    def _loss_targets(
+        self, targets: list[dict[str, Tensor]], img_sizes: Tensor, batch_shape: torch.Size
+    ) -> list[dict[str, Tensor]]:
+        """Targets on the model's device; in LSJ mode (no padding mask) boxes are renormalised to the padded
+        canvas, as the authors overwrite img_shape with the batch shape."""
+        device = img_sizes.device
+        out = []
+        for t, size in zip(targets, img_sizes.tolist()):
+            boxes = t["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4)
+            if not self.with_padding_mask:
+                scale = boxes.new_tensor([size[1] / batch_shape[1], size[0] / batch_shape[0]]).repeat(2)
+                boxes = boxes * scale
+            out.append({**t, "boxes": boxes, "labels": t["labels"].to(device).reshape(-1).long()})
+        return out
+
+    # ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(
+        self, images: Tensor, img_sizes: Tensor, targets: list[dict[str, Tensor]] | None = None
+    ) -> list[dict[str, Tensor]]:
+        run_sizes = img_sizes
+        if not self.with_padding_mask:  # LSJ: boxes are normalised by the padded canvas
+            run_sizes = torch.tensor([list(images.shape[-2:])] * images.shape[0], device=images.device)
+        out = self.run(images, run_sizes)
+        scales = None
+        if targets is not None:  # to the original image: divide by (network input / original), the scale factor
+            scales = [
+                (h / float(t["orig_size"][0]), w / float(t["orig_size"][1])) if "orig_size" in t else None
+                for t, (h, w) in zip(targets, img_sizes.tolist())
+            ]
+        return detections(out.logits[-1], out.boxes[-1], run_sizes, self.test_cfg, scales)
+
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """State dict of the deployed (K = 0) model: the auxiliary heads, adapter and aux projections dropped."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(AUX_PREFIXES)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+def detections(
+    logits: Tensor,
+    boxes: Tensor,
+    img_sizes: Tensor,
+    cfg: TestConfig,
+    scales: list[tuple[float, float] | None] | None = None,
+) -> list[dict[str, Tensor]]:
+    """Last-layer outputs -> detections (spec 5.3, `postprocess.detr_postprocess`): top-k of the Q*nc sigmoid
+    scores, clamped pixel xyxy, divided by the per-image scale (sy, sx) when given, class-aware NMS, at most
+    max_per_img. logits: (B, Q, nc); boxes: (B, Q, 4) sigmoid cxcywh; img_sizes: (B, 2) (h, w) the boxes are
+    normalised by."""
+    from pipeline.models.postprocess import detr_postprocess
+
+    scales = scales or [None] * len(logits)
+    out = []
+    for cls, box, size, scale in zip(logits, boxes, img_sizes, scales):
+        det = detr_postprocess(
+            cls, box, size, scale_hw=scale, topk=cfg.topk, nms=cfg.nms, iou_threshold=cfg.iou_threshold,
+            sigma=cfg.sigma, min_score=cfg.min_score, max_per_img=cfg.max_per_img,
+            score_threshold=cfg.score_threshold,
+        )  # fmt: skip
+        out.append({"boxes": det["boxes"], "scores": det["scores"], "labels": det["labels"]})
+    return out
+
+
+def build_model(cfg: ModelConfig) -> CoDETR:
+    """The one place that maps a ModelConfig to modules."""
+    from pipeline.models.backbone import build_backbone
+    from pipeline.models.decoder import DinoDecoder, DinoDecoderLayer
+    from pipeline.models.encoder import DeformableEncoder, DeformableEncoderLayer
+    from pipeline.models.matcher import HungarianMatcher
+    from pipeline.models.neck import build_neck
+    from pipeline.models.position_encoding import SinePositionalEncoding
+
+    t = cfg.transformer
+    backbone = build_backbone(cfg.backbone)
+    neck = build_neck(backbone, cfg.neck.out_channels, cfg.neck.num_outs)
+    attn = dict(embed_dims=t.embed_dims, num_heads=t.num_heads, num_levels=t.num_levels, num_points=t.num_points,
+                ffn_dim=t.ffn_dim, dropout=t.dropout)  # fmt: skip
+    encoder = DeformableEncoder(
+        [DeformableEncoderLayer(**attn) for _ in range(t.num_encoder_layers)], t.encoder_checkpoint_layers
+    )
+    decoder = DinoDecoder([DinoDecoderLayer(**attn) for _ in range(t.num_decoder_layers)], t.embed_dims,
+                          ref_eps=t.ref_eps, box_pe_temperature=t.box_pe_temperature)  # fmt: skip
+    pe = SinePositionalEncoding(t.pe_num_feats, t.pe_temperature, t.pe_normalize, t.pe_offset)
+    transformer = CoDinoTransformer(
+        encoder, decoder, t.embed_dims, t.num_levels, t.num_queries, pe, t.proposal_base_wh,
+        (t.proposal_valid_min, t.proposal_valid_max),
+    )  # fmt: skip
+    m = cfg.matcher
+    matcher = HungarianMatcher(m.cls_cost, m.l1_cost, m.giou_cost, m.alpha, m.gamma)
+    head = DINOHead(
+        cfg.num_classes, t.embed_dims, t.num_decoder_layers, cfg.head.num_reg_fcs, cfg.head.cls_prior_prob,
+        matcher, cfg.loss.cls_weight, cfg.loss.bbox_weight, cfg.loss.iou_weight, cfg.loss.qfl_beta, t.ref_eps,
+    )  # fmt: skip
+    denoising = None
+    if cfg.dn.enabled:
+        denoising = CdnQueryGenerator(cfg.num_classes, t.embed_dims, t.num_queries, cfg.dn.label_noise,
+                                      cfg.dn.box_noise, cfg.dn.num_dn_queries)  # fmt: skip
+    aux_heads, adapter, proj = _build_aux(cfg)
+    return CoDETR(
+        backbone, neck, transformer, head, denoising, cfg.test, t.with_padding_mask, aux_heads, adapter, proj,
+        (cfg.co.min_pos_queries, cfg.co.max_pos_queries), cfg.co.lambda1,
+    )  # fmt: skip
+
+
+def _build_aux(cfg: ModelConfig) -> tuple[list[nn.Module], nn.Module | None, nn.Module | None]:
+    """Aux heads in the authors' group order (RoI heads first, then dense heads), adapter and projections."""
+    if not cfg.co.aux_heads:
+        return [], None, None
+    from pipeline.models.aux.adapter import MultiScaleAdapter
+    from pipeline.models.aux_queries import AuxQueryProjection
+    from pipeline.models.loss_weights import co_loss_weights
+
+    weights = co_loss_weights(cfg.co.lambda1, cfg.co.lambda2, cfg.co.num_dec_layers_factor)
+    order = [name for name in ("faster_rcnn", "atss") if name in cfg.co.aux_heads]
+    heads: list[nn.Module] = []
+    for k, name in enumerate(order):
+        if name == "atss":
+            from pipeline.models.aux.atss import ATSSHead
+
+            a = cfg.co.atss
+            heads.append(ATSSHead(
+                cfg.num_classes, cfg.transformer.embed_dims, cfg.transformer.embed_dims, a.stacked_convs,
+                a.strides, a.anchor_scale, a.topk, a.coder_stds, weights.atss, loss_index=k,
+                focal_alpha=a.focal_alpha, focal_gamma=a.focal_gamma,
+            ))  # fmt: skip
+        else:
+            from pipeline.models.aux.faster_rcnn import FasterRCNNHead
+
+            heads.append(FasterRCNNHead(cfg.num_classes, cfg.co.faster_rcnn, weights.rpn, weights.roi,
+                                        cfg.transformer.embed_dims, loss_index=k))  # fmt: skip
+    adapter = MultiScaleAdapter(cfg.transformer.embed_dims)
+    return heads, adapter, AuxQueryProjection(len(heads), cfg.transformer.embed_dims)

@@ -1,0 +1,191 @@
+"""Co-DINO query head: prediction branches and the one-to-one / denoising / aux-query losses.
+
+Branches (CO_DETR_SPEC.md 1.1 "Prediction branches and init"): L + 1 separate `cls_branches` Linear(C, nc) and
+`reg_branches` MLP (Linear C->C, ReLU) x num_reg_fcs + Linear C->4; index L (the last) scores the encoder
+proposals. Init: class bias -log((1-p)/p) with p = 0.01, last reg Linear weight and bias 0.
+
+Losses (spec 4.1, 3.4), all on per-query targets:
+- classification: QualityFocalLoss(beta 2) with the IoU of the detached prediction with its target as the
+  soft label, summed over classes, divided by max(#positives (all-reduced mean), 1);
+- L1 on normalised cxcywh and GIoU on pixel xyxy, both divided by max(#positives (all-reduced), 1).
+Matching queries / encoder proposals get targets from the Hungarian matcher; DN slots arrive with their
+targets. (The aux-query losses, same formulas without matching, are `aux_queries.aux_decoder_losses`.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.models.box_ops import aligned_iou, box_cxcywh_to_xyxy, inverse_sigmoid
+from pipeline.models.losses import giou_loss, l1_loss, quality_focal_loss, reduce_mean, weight_reduce_loss
+from pipeline.models.matcher import HungarianMatcher
+
+LossTriple = tuple[Tensor, Tensor, Tensor]
+
+
+def _reg_branch(embed_dims: int, num_reg_fcs: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(num_reg_fcs):
+        layers += [nn.Linear(embed_dims, embed_dims), nn.ReLU()]
+    layers.append(nn.Linear(embed_dims, 4))
+    return nn.Sequential(*layers)
+
+
+class DINOHead(nn.Module):
+    """cls_branches / reg_branches (num_pred = num_decoder_layers + 1 each) and the loss computations."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dims: int = 256,
+        num_decoder_layers: int = 6,
+        num_reg_fcs: int = 2,
+        cls_prior_prob: float = 0.01,
+        matcher: HungarianMatcher | None = None,
+        cls_weight: float = 1.0,
+        bbox_weight: float = 5.0,
+        iou_weight: float = 2.0,
+        qfl_beta: float = 2.0,
+        ref_eps: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_decoder_layers = num_decoder_layers
+        self.matcher = matcher or HungarianMatcher()
+        self.cls_weight, self.bbox_weight, self.iou_weight = cls_weight, bbox_weight, iou_weight
+        self.qfl_beta = qfl_beta
+        self.ref_eps = ref_eps
+        num_pred = num_decoder_layers + 1
+        self.cls_branches = nn.ModuleList(nn.Linear(embed_dims, num_classes) for _ in range(num_pred))
+        self.reg_branches = nn.ModuleList(_reg_branch(embed_dims, num_reg_fcs) for _ in range(num_pred))
+        self.init_weights(cls_prior_prob)
+
+    def init_weights(self, cls_prior_prob: float = 0.01) -> None:
+        bias = -math.log((1 - cls_prior_prob) / cls_prior_prob)
+        for cls in self.cls_branches:
+            nn.init.constant_(cls.bias, bias)
+        for reg in self.reg_branches:
+            nn.init.zeros_(reg[-1].weight)
+            nn.init.zeros_(reg[-1].bias)
+
+    def predict(self, hidden: Tensor, references: Tensor) -> tuple[Tensor, Tensor]:
+        """hidden: (L, B, Q, C) normed decoder states; references: (L + 1, B, Q, 4) (only the first L are used:
+        layer l refines references[l], look-forward-twice). Returns logits (L, B, Q, nc), boxes (L, B, Q, 4)
+        sigmoid cxcywh normalised by the unpadded image size."""
+        logits, boxes = [], []
+        for lvl in range(hidden.shape[0]):
+            logits.append(self.cls_branches[lvl](hidden[lvl]))
+            delta = self.reg_branches[lvl](hidden[lvl])
+            boxes.append((delta + inverse_sigmoid(references[lvl], eps=self.ref_eps)).sigmoid())
+        return torch.stack(logits), torch.stack(boxes)
+
+    # ------------------------------------------------------------------------------------------------------
+    # targets
+    @torch.no_grad()
+    def matched_targets(
+        self, logits: Tensor, boxes: Tensor, targets: Sequence[dict[str, Tensor]], img_sizes: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Hungarian one-to-one targets. logits (B, Q, nc), boxes (B, Q, 4) -> labels (B, Q) (bg = nc),
+        label_weights (B, Q), box_targets (B, Q, 4) cxcywh normalised, box_weights (B, Q, 4)."""
+        b, q = logits.shape[:2]
+        labels = torch.full((b, q), self.num_classes, dtype=torch.long, device=logits.device)
+        box_targets = torch.zeros(b, q, 4, device=logits.device, dtype=boxes.dtype)
+        box_weights = torch.zeros_like(box_targets)
+        for i, t in enumerate(targets):
+            gt_labels = t["labels"].to(logits.device)
+            gt_boxes = t["boxes"].to(device=logits.device, dtype=boxes.dtype)
+            q_idx, g_idx = self.matcher.match(logits[i], boxes[i], gt_labels, gt_boxes, img_sizes[i])
+            labels[i, q_idx] = gt_labels[g_idx]
+            box_targets[i, q_idx] = gt_boxes[g_idx]
+            box_weights[i, q_idx] = 1.0
+        return labels, torch.ones(b, q, device=logits.device), box_targets, box_weights
+
+    # ------------------------------------------------------------------------------------------------------
+    # losses
+    def assigned_loss(
+        self,
+        logits: Tensor,
+        boxes: Tensor,
+        labels: Tensor,
+        label_weights: Tensor,
+        box_targets: Tensor,
+        box_weights: Tensor,
+        img_sizes: Tensor,
+    ) -> LossTriple:
+        """QFL / L1 / GIoU of queries with given targets (mmdet `loss_single` after `get_targets`).
+
+        logits: (B, Q, nc); boxes: (B, Q, 4) sigmoid cxcywh; labels: (B, Q) long, bg = nc; label_weights (B, Q);
+        box_targets: (B, Q, 4) cxcywh normalised; box_weights: (B, Q, 4); img_sizes: (B, 2) (h, w).
+        Returns (loss_cls, loss_bbox, loss_iou), already weighted.
+        """
+        b, q, nc = logits.shape
+        logits_f = logits.reshape(-1, nc)
+        boxes_f = boxes.reshape(-1, 4)
+        labels_f = labels.reshape(-1)
+        targets_f = box_targets.reshape(-1, 4).to(boxes.dtype)
+        pos = (labels_f >= 0) & (labels_f < self.num_classes)
+        num_pos = logits.new_tensor(float(pos.sum()))
+
+        scores = logits.new_zeros(labels_f.shape)
+        scores[pos] = aligned_iou(box_cxcywh_to_xyxy(boxes_f[pos]).detach(), box_cxcywh_to_xyxy(targets_f[pos]))
+        cls_avg = reduce_mean(num_pos).clamp(min=1)
+        qfl = quality_focal_loss(logits_f, labels_f, scores, beta=self.qfl_beta)
+        loss_cls = self.cls_weight * weight_reduce_loss(qfl, label_weights.reshape(-1), "mean", cls_avg)
+
+        box_avg = reduce_mean(num_pos).clamp(min=1).item()
+        w = box_weights.reshape(-1, 4).to(boxes.dtype)
+        factors = img_sizes.flip(-1).repeat(1, 2).to(boxes.dtype)[:, None].expand(b, q, 4).reshape(-1, 4)
+        pred_px = box_cxcywh_to_xyxy(boxes_f) * factors
+        target_px = box_cxcywh_to_xyxy(targets_f) * factors
+        loss_iou = self.iou_weight * giou_loss(pred_px, target_px, weight=w, avg_factor=box_avg)
+        loss_bbox = self.bbox_weight * l1_loss(boxes_f, targets_f, weight=w, avg_factor=box_avg)
+        return loss_cls, loss_bbox, loss_iou
+
+    def one_to_one_loss(
+        self, logits: Tensor, boxes: Tensor, targets: Sequence[dict[str, Tensor]], img_sizes: Tensor
+    ) -> LossTriple:
+        """Hungarian-matched loss of one set of predictions: logits (B, Q, nc), boxes (B, Q, 4)."""
+        assigned = self.matched_targets(logits.detach(), boxes.detach(), targets, img_sizes)
+        return self.assigned_loss(logits, boxes, *assigned, img_sizes)
+
+    def loss(
+        self,
+        all_logits: Tensor,
+        all_boxes: Tensor,
+        enc_logits: Tensor,
+        enc_boxes: Tensor,
+        targets: Sequence[dict[str, Tensor]],
+        img_sizes: Tensor,
+    ) -> dict[str, Tensor]:
+        """Matching-part losses of every decoder layer (`d{l}.loss_*`, last layer `loss_*`) and of the encoder
+        proposals (`enc_loss_*`). all_logits: (L, B, Q, nc); all_boxes: (L, B, Q, 4); enc_*: (B, K, ...)."""
+        losses = self._per_layer(
+            [self.one_to_one_loss(all_logits[i], all_boxes[i], targets, img_sizes) for i in range(len(all_logits))],
+            "loss",
+        )
+        for name, value in zip(("cls", "bbox", "iou"), self.one_to_one_loss(enc_logits, enc_boxes, targets, img_sizes)):
+            losses[f"enc_loss_{name}"] = value
+        return losses
+
+    def dn_loss(
+        self, dn_logits: Tensor, dn_boxes: Tensor, dn_targets: tuple[Tensor, Tensor, Tensor, Tensor], img_sizes: Tensor
+    ) -> dict[str, Tensor]:
+        """Denoising losses of every layer: dn_logits (L, B, P, nc), dn_boxes (L, B, P, 4); dn_targets from
+        `DenoisingQueries.targets`. Names `dn_loss_*` (last layer) and `d{l}.dn_loss_*`."""
+        per_layer = [
+            self.assigned_loss(dn_logits[i], dn_boxes[i], *dn_targets, img_sizes) for i in range(len(dn_logits))
+        ]
+        return self._per_layer(per_layer, "dn_loss")
+
+    @staticmethod
+    def _per_layer(per_layer: Sequence[Sequence[Tensor]], prefix: str) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        last = len(per_layer) - 1
+        for i, triple in enumerate(per_layer):
+            for name, value in zip(("cls", "bbox", "iou"), triple):
+                out[f"{prefix}_{name}" if i == last else f"d{i}.{prefix}_{name}"] = value
+        return out
