@@ -113,8 +113,10 @@ def exists(uri: str) -> bool:
 
 
 def makedirs(uri: str) -> None:
+    """Create a local directory; object stores have no directories (s3fs would try to create the bucket)."""
     fs, path = get_fs(uri)
-    fs.makedirs(path, exist_ok=True)
+    if is_local(uri):
+        fs.makedirs(path, exist_ok=True)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -130,10 +132,8 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Write `data` to `uri`. Local files are written to a temp name and renamed (never half-written);
     object stores publish an object only when its upload completes, which gives the same guarantee."""
     fs, path = get_fs(uri)
-    parent = posixpath.dirname(path) if not is_local(uri) else os.path.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     if is_local(uri):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -167,6 +167,17 @@ def remove(uri: str, recursive: bool = True) -> None:
     fs, path = get_fs(uri)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
+
+
+def check_writable(uri: str) -> None:
+    """Raise a one-line error unless a small object can be written (and removed) under `uri`."""
+    probe = join(uri, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes(probe, b"")
+        remove(probe, recursive=False)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise OSError(f"cannot write under {uri!r}: {type(e).__name__}: {first}") from e
 
 
 def check_reachable(uri: str) -> None:

@@ -99,8 +99,11 @@ def init_ray(job: JobConfig) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
-def run_stage(job: JobConfig, register: bool = True) -> StageResult:
-    """Train one stage (resuming if a run of the same name exists in the storage path), evaluate, register."""
+def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = None) -> StageResult:
+    """Train one stage (resuming if a run of the same name exists in the storage path), evaluate, register.
+
+    `callbacks`: Ray Train `UserCallback`s, e.g. Tune's `TuneReportCallback()` when a Tune trial drives the stage.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -144,6 +147,7 @@ def run_stage(job: JobConfig, register: bool = True) -> StageResult:
         name=job.run_name, storage_path=path, storage_filesystem=fs,
         failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+        callbacks=callbacks,
     )
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
