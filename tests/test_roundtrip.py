@@ -11,17 +11,15 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from pipeline import storage
+from pipeline.data import shards as shards_mod
+from pipeline.data import synthetic
 from pipeline.data.config import AugmentConfig, DataConfig
 from pipeline.data.loader import build_dataset, iter_batches
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-synthetic = pytest.importorskip("pipeline.data.synthetic")
-shards_mod = pytest.importorskip("pipeline.data.shards")
 
 
 def test_coco_to_shards_to_loader_round_trip(ray_local, tmp_path):
@@ -51,7 +49,8 @@ def test_coco_to_shards_to_loader_round_trip(ray_local, tmp_path):
             h, w = t["size"].tolist()
             assert t["orig_size"].tolist() == [h, w]
             # normalised cxcywh -> absolute xywh, in float64 from the float32 targets
-            cx, cy, bw, bh = (t["boxes"].double() * torch.tensor([w, h, w, h], dtype=torch.float64)).unbind(-1)
+            scale = torch.tensor([w, h, w, h], dtype=torch.float64)
+            cx, cy, bw, bh = (t["boxes"].double() * scale).unbind(-1)
             xywh = torch.stack([cx - bw / 2, cy - bh / 2, bw, bh], -1)
             source = torch.tensor([a["bbox"] for a in anns[image_id]], dtype=torch.float64).reshape(-1, 4)
             assert xywh.shape == source.shape, image_id
