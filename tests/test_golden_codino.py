@@ -8,7 +8,8 @@ Tolerances (float32 on CPU; summation order differs from the reference):
 - stats (mean, std, mean|x|) of backbone / neck / memory / adapter maps: 1e-5 abs;
 - encoder top-k anchors, decoder references, per-layer boxes (normalised): 1e-4 abs; top-k max logits and
   class logits: 1e-4 abs;
-- detections before / after soft-NMS: boxes 2e-3 px abs (images ~400 px), scores 1e-5 abs, labels equal;
+- detections before / after soft-NMS: boxes 2e-3 px abs (images ~400 px), scores 1e-5 / 5e-5 abs (soft-NMS
+  decays scores by IoUs of class-offset boxes, coordinates up to ~3e4 px in float32), labels equal;
 - the 21 one-to-one losses (decoder layers + encoder proposals): 1e-4 relative.
 Near ties: top-k orders of values equal to ~1e-6 (encoder max logits, detection scores) may swap neighbours
 in float32; `_align` re-pairs such neighbours (score gap < 1e-5) before comparing, and the decoder is run on
@@ -180,7 +181,8 @@ def test_detections(golden, stage):
         idx = _align(_det_rows(ours["boxes"], ours["labels"]), _det_rows(ref["bboxes"], ref["labels"]),
                      ref["scores"], ours["scores"], 2e-5)  # fmt: skip
         torch.testing.assert_close(ours["boxes"][idx], ref["bboxes"], atol=2e-3, rtol=0)
-        torch.testing.assert_close(ours["scores"][idx], ref["scores"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours["scores"][idx], ref["scores"], atol=1e-5 if stage == "det_pre_nms" else 5e-5,
+                                   rtol=0)
         assert torch.equal(ours["labels"][idx], ref["labels"])
 
 
@@ -195,7 +197,7 @@ def test_model_detections_wiring(golden):
         idx = _align(_det_rows(ours["boxes"], ours["labels"]), _det_rows(ref["bboxes"], ref["labels"]),
                      ref["scores"], ours["scores"], 2e-5)  # fmt: skip
         torch.testing.assert_close(ours["boxes"][idx], ref["bboxes"], atol=2e-3, rtol=0)
-        torch.testing.assert_close(ours["scores"][idx], ref["scores"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours["scores"][idx], ref["scores"], atol=5e-5, rtol=0)
 
 
 def test_one_to_one_losses(golden):

@@ -7,18 +7,35 @@ scratch on CPU (trainable BatchNorm, AdamW 5e-4, the full one-to-one + encoder +
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torchvision.ops import box_iou
 
-from tests.test_model_core import tiny_config
+from pipeline.config import from_dict
+from pipeline.models.config import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 COLOURS = torch.tensor([[2.0, -1.5, -1.5], [-1.5, 2.0, -1.5], [-1.5, -1.5, 2.0]])  # normalised RGB per class
 IMAGES = [  # (x1, y1, x2, y2, class) in pixels
     [(8, 10, 40, 50, 0), (50, 20, 90, 44, 1), (30, 60, 70, 90, 2)],
     [(12, 12, 60, 36, 2), (56, 50, 88, 88, 0)],
 ]
+
+
+def tiny_config(num_classes: int) -> ModelConfig:
+    """configs/model/co_dino_tiny.yaml with resnet10t, 50 queries, K = 0."""
+    data = yaml.safe_load((REPO / "configs" / "model" / "co_dino_tiny.yaml").read_text())["model"]
+    data["num_classes"] = num_classes
+    data["backbone"]["name"] = "resnet10t"
+    data["transformer"].update(ffn_dim=128, num_queries=50)
+    data["dn"]["num_dn_queries"] = 10
+    data["test"].update(topk=50, max_per_img=50)
+    data["co"] = {"aux_heads": []}
+    return from_dict(ModelConfig, data)
 
 
 def synthetic_batch(size: int = 96):
@@ -73,15 +90,15 @@ def test_tiny_model_overfits_two_images():
     from pipeline.models import build_model
 
     torch.manual_seed(0)
-    cfg = tiny_config(num_classes=3)
+    cfg = tiny_config(3)
     model = build_model(cfg)
     images, targets = synthetic_batch()
     masks = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)
-    history = []
+    history, score, step = [], 0.0, 0
     start = time.time()
-    model.train()
-    for step in range(300):
+    for step in range(1, 301):  # usually done after 40-60 steps; evaluated every 20
+        model.train()
         losses = model(images, masks, targets)
         loss = sum(losses.values())
         optimizer.zero_grad()
@@ -89,13 +106,15 @@ def test_tiny_model_overfits_two_images():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         history.append(float(loss.detach()))
+        if step % 20 == 0:
+            model.eval()
+            score = ap50(model(images, masks), targets, num_classes=3)
+            if score >= 0.9:
+                break
     elapsed = time.time() - start
-    first, last = sum(history[:10]) / 10, sum(history[-10:]) / 10
-    assert last < 0.5 * first, f"loss did not fall enough: {first:.3f} -> {last:.3f}"
-    model.eval()
-    dets = model(images, masks)
-    score = ap50(dets, targets, num_classes=3)
-    assert score >= 0.9, f"AP50 {score:.3f} after {len(history)} steps ({elapsed:.0f} s), loss {first:.2f} -> {last:.2f}"
+    first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
+    assert score >= 0.9, f"AP50 {score:.3f} after {step} steps ({elapsed:.0f} s), loss {first:.2f} -> {last:.2f}"
+    assert last < 0.8 * first, f"loss did not fall: {first:.3f} -> {last:.3f} in {step} steps"
 
 
 def test_ap50_helper():

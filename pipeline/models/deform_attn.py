@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 _INT32_ROWS_LIMIT = 2**31  # corner rows are int32 below this (less memory, faster sort), else int64
 
 
@@ -88,8 +87,8 @@ def _bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_va
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Corner rows and separable bilinear weights of every sampling point, all levels at once.
 
-    Pixel coordinate of a location x in [0, 1] on a level of width w is x * w - 0.5 (align_corners=False);
-    its corners are floor(x) and floor(x) + 1, weighted (1 - frac) and frac, and zero outside the level.
+    A location x in [0, 1] on a level of width w sits at pixel u = x * w - 0.5 (align_corners=False); its
+    corners floor(u) and floor(u) + 1 are weighted 1 - frac(u) and frac(u), and count as zero outside.
     N = B*Q*nH bags (one per batch, query, head), J = L*P points per bag. Per-level constants are
     expanded to (J, ...) so every elementwise op runs over long contiguous rows.
     Returns:
@@ -105,8 +104,9 @@ def _bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_va
     idx = torch.int32 if num_rows + 4 * S * nH < _INT32_ROWS_LIMIT else torch.long
     wh = _level_wh(spatial_shapes, P, device)  # (J, 2)
     pix = sampling_locations.reshape(N, J, 2) * wh.to(dtype) - 0.5
-    # Points far outside only need to stay outside: clamp so integer row arithmetic cannot overflow.
-    pix = torch.clamp(pix, min=torch.tensor(-2.0, dtype=dtype, device=device), max=wh.to(dtype))
+    # Points far outside only need to stay outside (both corners masked, zero derivative): clamp to
+    # [-2, w] so the integer row arithmetic below cannot overflow.
+    pix = torch.minimum(pix.clamp_(min=-2.0), wh.to(dtype))
     floor = pix.floor()
     frac = pix - floor
     lo = floor.to(idx)

@@ -122,6 +122,7 @@ class DINOHead(nn.Module):
         box_targets: (B, Q, 4) cxcywh normalised; box_weights: (B, Q, 4); img_sizes: (B, 2) (h, w).
         Returns (loss_cls, loss_bbox, loss_iou), already weighted.
         """
+        logits, boxes = logits.float(), boxes.float()  # losses in fp32 under autocast
         b, q, nc = logits.shape
         logits_f = logits.reshape(-1, nc)
         boxes_f = boxes.reshape(-1, 4)

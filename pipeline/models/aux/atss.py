@@ -23,6 +23,7 @@ targets (N, 4) assigned GT xyxy (zeros for negatives), feats=None).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -122,7 +123,7 @@ class ATSSHead(AuxHead):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.constant_(self.atss_cls.bias, -float(torch.log(torch.tensor((1 - prior_prob) / prior_prob))))
+        nn.init.constant_(self.atss_cls.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """feats: L maps (B, C, h_l, w_l) -> per level cls (B, nc, h, w), deltas (B, 4, h, w) float32,
