@@ -92,7 +92,8 @@ def test_kernel_float32_and_noncontiguous_inputs():
 def test_kernel_float32_grads_and_int64_rows(monkeypatch):
     value, loc, weights = _inputs(ODD_SHAPES, dtype=torch.float32, seed=9)
     grad = torch.randn(2, 7, 12)
-    ref_out, ref_grads = _fwd_bwd(multi_scale_deformable_attn_reference, ODD_SHAPES, value, loc, weights, grad)
+    ref_out, ref_grads = _fwd_bwd(multi_scale_deformable_attn_reference, ODD_SHAPES, value, loc, weights,
+                                  grad)
     for limit in (2**31, 1):  # int32 corner rows, then the int64 path used for huge maps
         monkeypatch.setattr(deform_attn, "_INT32_ROWS_LIMIT", limit)
         out, grads = _fwd_bwd(multi_scale_deformable_attn, ODD_SHAPES, value, loc, weights, grad)
