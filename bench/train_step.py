@@ -2,11 +2,16 @@
 R-CNN) relative to K=0 (plain Co-DINO), same config, same batch, measured side by side in one run.
 
     python bench/train_step.py                                   # tiny config, CPU
+    python bench/train_step.py --threads 2 --rounds 3            # the local demo's setting (2-core CPU)
+    python bench/train_step.py --baseline /tmp/old_tree          # also time another checkout (holds pipeline/)
+    python bench/train_step.py --profile K=2 --threads 1         # cProfile (CPU time) of one K, top functions
     python bench/train_step.py --config configs/model/co_dino_r50.yaml --size 800 1216 --batch 2 --device cuda
 
 The paper's ratios (GPU hours, 8 A100, R50): K=1 1.23x, K=2 1.71x time; K=2 1.12x memory. Each K runs in its own
-subprocess (peak memory: CUDA max_memory_allocated, or the process's max RSS on CPU); the K values are
-interleaved over `--rounds` rounds and the median step time per K is reported, so machine drift hits all alike.
+subprocess (peak memory: CUDA max_memory_allocated, or the process's max RSS on CPU); the K values (and the
+baseline tree's, with --baseline) are interleaved over `--rounds` rounds and the median step time per K is
+reported, so machine drift hits all alike. On a shared CPU the wall time is noisy: the CPU time of the process
+(time.process_time, all threads) is printed beside it and is the steadier figure.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ HEADS = {"K=0": "[]", "K=1": "[atss]", "K=2": "[atss,faster_rcnn]"}
 
 def worker(args: argparse.Namespace) -> None:
     """One K: build, warm up, time `--steps` optimizer steps; print one JSON line."""
-    sys.path.insert(0, ROOT)
+    sys.path.insert(0, args.root)
     import torch
 
     from pipeline.config import load_config
@@ -66,20 +71,35 @@ def worker(args: argparse.Namespace) -> None:
 
     for _ in range(args.warmup):
         step()
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile(timer=time.process_time)
+        prof.enable()
+        for _ in range(args.steps):
+            step()
+        prof.disable()
+        stats = pstats.Stats(prof, stream=sys.stderr)
+        stats.sort_stats("cumulative").print_stats(60)
+        stats.sort_stats("tottime").print_stats(30)
+        print(json.dumps({"times": [0.0], "cpu": [0.0], "peak_bytes": 0, "params": 0}))
+        return
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu = [], []
     for _ in range(args.steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"times": times, "peak_bytes": peak, "params": params}))
+    print(json.dumps({"times": times, "cpu": cpu, "peak_bytes": peak, "params": params}))
 
 
 def main() -> None:
@@ -94,37 +114,60 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
+    p.add_argument("--ks", nargs="+", default=list(HEADS), choices=list(HEADS), help="which K to run")
+    p.add_argument("--baseline", default=None,
+                   help="another source tree (a directory holding pipeline/) timed interleaved with this one")
+    p.add_argument("--profile", default=None, choices=list(HEADS),
+                   help="cProfile (process CPU time) --steps steps of this K instead of timing; prints to stderr")
     p.add_argument("--heads", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--root", default=ROOT, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.heads is not None:
         worker(args)
         return
-    results: dict[str, dict] = {k: {"times": [], "peak": []} for k in HEADS}
     base = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--size", *map(str, args.size),
             "--batch", str(args.batch), "--boxes", str(args.boxes), "--classes", str(args.classes), "--steps",
             str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--threads", str(args.threads)]
     if args.bf16:
         base.append("--bf16")
+    if args.profile:
+        subprocess.run([*base, "--heads", HEADS[args.profile], "--profile", args.profile], check=True)
+        return
+    trees = {"": ROOT}
+    if args.baseline:
+        trees = {"": ROOT, "base ": os.path.abspath(args.baseline)}
+    results: dict[str, dict] = {tag + k: {"times": [], "cpu": [], "peak": []} for tag in trees for k in args.ks}
     for r in range(args.rounds):
-        for name, heads in HEADS.items():
-            out = subprocess.run([*base, "--heads", heads], capture_output=True, text=True, check=False)
-            if out.returncode != 0:
-                raise SystemExit(f"{name} failed:\n{out.stderr[-2000:]}")
-            res = json.loads(out.stdout.strip().splitlines()[-1])
-            results[name]["times"] += res["times"]
-            results[name]["peak"].append(res["peak_bytes"])
-            results[name]["params"] = res["params"]
-            print(f"round {r + 1} {name}: median step {statistics.median(res['times']):.3f}s", flush=True)
-    t0 = statistics.median(results["K=0"]["times"])
-    m0 = max(results["K=0"]["peak"])
+        for tag, root in trees.items():
+            for name in args.ks:
+                out = subprocess.run([*base, "--heads", HEADS[name], "--root", root], capture_output=True, text=True,
+                                     check=False)
+                if out.returncode != 0:
+                    raise SystemExit(f"{tag}{name} failed:\n{out.stderr[-2000:]}")
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                entry = results[tag + name]
+                entry["times"] += res["times"]
+                entry["cpu"] += res["cpu"]
+                entry["peak"].append(res["peak_bytes"])
+                entry["params"] = res["params"]
+                print(f"round {r + 1} {tag}{name}: median step {statistics.median(res['times']):.3f}s wall, "
+                      f"{statistics.median(res['cpu']):.3f}s cpu", flush=True)
     print(f"\nconfig {os.path.relpath(args.config, ROOT)}, batch {args.batch} x {args.size[0]}x{args.size[1]}, "
-          f"device {args.device}, {args.rounds} rounds x {args.steps} steps")
-    print(f"{'':5s} {'params':>12s} {'step s':>8s} {'time ratio':>10s} {'peak MiB':>9s} {'mem ratio':>9s}  paper")
+          f"device {args.device}, threads {args.threads or 'default'}, {args.rounds} rounds x {args.steps} steps"
+          f"{', baseline ' + trees['base '] if args.baseline else ''}")
+    print(f"{'':10s} {'params':>12s} {'step s':>8s} {'ratio':>6s} {'cpu s':>7s} {'ratio':>6s} {'peak MiB':>9s} "
+          f"{'mem ratio':>9s}  paper time / mem")
     paper = {"K=0": "1.00 / 1.00", "K=1": "1.23 / -", "K=2": "1.71 / 1.12"}
-    for name, r in results.items():
-        t, m = statistics.median(r["times"]), max(r["peak"])
-        print(f"{name:5s} {r['params']:12,d} {t:8.3f} {t / t0:10.2f} {m / 2**20:9.0f} {m / m0:9.2f}  {paper[name]}")
+    for tag in trees:
+        ref = results.get(tag + "K=0")
+        for name in args.ks:
+            r = results[tag + name]
+            t, c, m = statistics.median(r["times"]), statistics.median(r["cpu"]), max(r["peak"])
+            t0, c0, m0 = ((statistics.median(ref["times"]), statistics.median(ref["cpu"]), max(ref["peak"]))
+                          if ref else (t, c, m))
+            print(f"{tag + name:10s} {r['params']:12,d} {t:8.3f} {t / t0:6.2f} {c:7.3f} {c / c0:6.2f} "
+                  f"{m / 2**20:9.0f} {m / m0:9.2f}  {paper[name]}")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def job_parser(doc: str | None, default_config: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
-    p.add_argument("--config", default=default_config,
-                   help=f"YAML job config (default: {os.path.relpath(default_config, REPO_ROOT) if default_config else 'none'})")
+    shown = os.path.relpath(default_config, REPO_ROOT) if default_config else "none"
+    p.add_argument("--config", default=default_config, help=f"YAML job config (default: {shown})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set model.co.lambda1=0.5 (repeatable)")
     return p

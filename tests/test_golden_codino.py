@@ -1,8 +1,9 @@
-"""Our Co-DINO (K = 0 inference path + one-to-one losses) against the authors' model on the golden fixture.
+"""Our Co-DINO (inference path, one-to-one losses, aux head losses) against the authors' model on the golden fixture.
 
 The fixture (shared/golden/co_dino_r50, README there) holds outputs of the authors' mmdet 3.x Co-DINO R50 for
 deterministic random weights keyed by the authors' state-dict names. We rebuild those weights, map them with
-`convert_official_state_dict`, run one forward pass on the two fixture images and compare every stage.
+`convert_official_state_dict` onto a K = 2 model (strict load), run one forward pass on the two fixture images
+and compare every stage.
 
 Tolerances (float32 on CPU; summation order differs from the reference):
 - stats (mean, std, mean|x|) of backbone / neck / memory / adapter maps: 1e-5 abs;
@@ -10,11 +11,19 @@ Tolerances (float32 on CPU; summation order differs from the reference):
   class logits: 1e-4 abs;
 - detections before / after soft-NMS: boxes 2e-3 px abs (images ~400 px), scores 1e-5 / 5e-5 abs (soft-NMS
   decays scores by IoUs of class-offset boxes, coordinates up to ~3e4 px in float32), labels equal;
-- the 21 one-to-one losses (decoder layers + encoder proposals): 1e-4 relative.
+- the 21 one-to-one losses (decoder layers + encoder proposals): 1e-4 relative;
+- the 6 remaining deterministic training terms, from the aux heads (train mode, the fixture's boxes): ATSS
+  loss_cls1 / loss_bbox1 / loss_centerness1, loss_rpn_bbox, RoI loss_bbox0 and acc0: 1e-4 relative
+  (max(1, |ref|) as the scale). RPN / RoI sampling is random, but these terms do not depend on it here: every
+  positive fits the quotas (RPN 128, RoI 128 of 512) and enough negatives exist to fill 256 / 512 per image,
+  so the normalisers (RPN #pos + #neg = 256 per image, RoI #sampled = 512 per image) are fixed, and acc0 is 0
+  for any draw (no sampled RoI is classified correctly with these weights); checked by a second draw.
+  ATSS runs with every anchor of the batch maps valid (pad_size_divisor=0): the reference's loss_cls1 shows
+  that (per-image valid flags give 12.4887 instead of 12.5889).
 Near ties: top-k orders of values equal to ~1e-6 (encoder max logits, detection scores) may swap neighbours
 in float32; `_align` re-pairs such neighbours (score gap < 1e-5) before comparing, and the decoder is run on
 the top-k in the reference's order (a swap of two equal-score proposals exchanges their content queries).
-Runs one R50 forward at 320x416 (batch 2) on CPU: ~15 s on an idle 2-core machine.
+Runs one R50 forward at 320x416 (batch 2) and the aux heads on CPU: ~20 s on an idle 2-core machine.
 """
 
 from __future__ import annotations
@@ -80,14 +89,13 @@ def golden():
     exp = torch.load(GOLDEN / "expected.pt", weights_only=False)
     inp = torch.load(GOLDEN / "inputs.pt", weights_only=False)
     official = _make_weights().official_state_dict()
-    # K = 0 deployed model; mmdet 3.x takes the top max_per_img (300) before NMS, the 2.x code num_query (900)
-    cfg = ModelConfig(num_classes=80, co=CoConfig(aux_heads=()), test=TestConfig(topk=300))
+    # K = 2 (the fixture's heads); mmdet 3.x takes the top max_per_img (300) before NMS, the 2.x code num_query
+    cfg = ModelConfig(num_classes=80, co=CoConfig(aux_heads=("atss", "faster_rcnn")), test=TestConfig(topk=300))
     model = build_model(cfg)
-    model.load_state_dict(convert_official_state_dict(official), strict=True)
+    model.load_state_dict(convert_official_state_dict(official, cfg.co.aux_heads), strict=True)
     model.eval()
-    adapter = MultiScaleAdapter(256)
-    adapter.downsample.load_state_dict({k[len("query_head.downsample."):]: v for k, v in official.items()
-                                        if k.startswith("query_head.downsample.")})  # fmt: skip
+    adapter = model.adapter
+    assert isinstance(adapter, MultiScaleAdapter)
 
     h, w = inp["batch_shape"]
     mean = torch.tensor(inp["pixel_mean"]).view(3, 1, 1)
@@ -140,6 +148,20 @@ def golden():
             boxes = box_xyxy_to_cxcywh(inp["gt_bboxes_xyxy"][b] / factor)
             targets.append({"boxes": boxes, "labels": inp["gt_labels"][b], "size": torch.tensor([ih, iw])})
         r["losses"] = model.head.loss(r["logits"], r["boxes"], r["topk_logits"], r["topk_boxes"], targets, sizes)
+
+        # aux heads on the adapter maps, in train mode; the fixture's ATSS counts every anchor as valid
+        model.train()
+        heads = {h.name: h for h in model.aux_heads}
+        heads["atss"].pad_size_divisor = 0
+        r["aux_losses"], r["aux_positives"] = {}, {}
+        for name, head in heads.items():
+            torch.manual_seed(0)
+            losses, r["aux_positives"][name] = head.forward_train(r["adapter"], targets, sizes)
+            r["aux_losses"].update(losses)
+        torch.manual_seed(1)  # another RPN / RoI draw
+        r["rcnn_redraw"], _ = heads["faster_rcnn"].forward_train(r["adapter"], targets, sizes)
+        model.eval()
+        r["official"] = official
     return r
 
 
@@ -209,3 +231,34 @@ def test_one_to_one_losses(golden):
     for k in names:
         ours, theirs = float(golden["losses"][k]), float(ref[k])
         assert abs(ours - theirs) <= 1e-4 * max(1.0, abs(theirs)), f"{k}: {ours} vs {theirs}"
+
+
+AUX_TERMS = ("loss_cls1", "loss_bbox1", "loss_centerness1", "loss_rpn_bbox", "loss_bbox0", "acc0")
+
+
+def test_aux_head_losses(golden):
+    """The 6 deterministic aux terms; with the 21 one-to-one losses they are all 27 deterministic terms."""
+    ref = golden["exp"]["train_losses_deterministic"]
+    assert len(ref) == 27 and set(AUX_TERMS) | set(golden["losses"]) == set(ref)
+    for k in AUX_TERMS:
+        ours, theirs = float(golden["aux_losses"][k]), float(ref[k])
+        assert abs(ours - theirs) <= 1e-4 * max(1.0, abs(theirs)), f"{k}: {ours} vs {theirs}"
+
+
+def test_rpn_roi_terms_do_not_depend_on_sampling(golden):
+    """Another RPN / RoI draw: the random terms change, the compared ones do not; quotas filled to 512 RoIs."""
+    first, again = golden["aux_losses"], golden["rcnn_redraw"]
+    for k in ("loss_rpn_bbox", "loss_bbox0", "acc0"):
+        assert abs(float(first[k]) - float(again[k])) <= 1e-6 * max(1.0, abs(float(first[k]))), k
+    assert float(first["loss_rpn_cls"]) != float(again["loss_rpn_cls"])  # the draw did change
+    rcnn = golden["aux_positives"]["faster_rcnn"]
+    for labels in rcnn.labels:
+        assert labels.numel() == 512 and 0 < int((labels < 80).sum()) < 128  # all positives + negatives = 512
+
+
+def test_deployed_keys_load_into_k0_model(golden):
+    """The K = 0 conversion of the same checkpoint is exactly the deployed part of the K = 2 model."""
+    from pipeline.models.convert import convert_official_state_dict
+
+    deployed = convert_official_state_dict(golden["official"], aux_heads=())
+    assert set(deployed) == set(golden["model"].inference_state_dict())

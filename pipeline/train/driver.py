@@ -64,20 +64,83 @@ def ensure_shards(job: JobConfig) -> JobConfig:
     return dataclasses.replace(job, data=dataclasses.replace(job.data, shards=shards))
 
 
-def check_feasible(job: JobConfig) -> None:
-    """One-line error if the requested workers cannot fit the Ray cluster (Ray would wait forever)."""
-    import ray
+def local_ray_cpus() -> int:
+    """Logical CPUs of the local Ray instance a job starts when it finds no cluster (overcommitted 2x, >= 4)."""
+    return max(4, (os.cpu_count() or 2) * 2)
 
-    res = ray.cluster_resources()
-    need_cpu = job.scaling.num_workers * job.scaling.cpus_per_worker
+
+def check_feasible(job: JobConfig, resources: dict[str, float] | None = None) -> None:
+    """One-line error if the requested workers cannot fit the Ray cluster (Ray would wait forever).
+
+    `resources`: the cluster's total resources; default `ray.cluster_resources()` (Ray must be initialised)."""
     if job.scaling.num_workers < 1:
         raise StageError(f"scaling.num_workers must be >= 1, got {job.scaling.num_workers}")
-    if need_cpu > res.get("CPU", 0):
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources()
+    need_cpu = job.scaling.num_workers * job.scaling.cpus_per_worker
+    if need_cpu > resources.get("CPU", 0):
         raise StageError(f"scaling asks for {job.scaling.num_workers} workers x {job.scaling.cpus_per_worker} CPU = "
-                         f"{need_cpu} CPUs but the Ray cluster has {res.get('CPU', 0):g}")
-    if job.scaling.use_gpu and job.scaling.num_workers > res.get("GPU", 0):
+                         f"{need_cpu:g} CPUs but the Ray cluster has {resources.get('CPU', 0):g}")
+    if job.scaling.use_gpu and job.scaling.num_workers > resources.get("GPU", 0):
         raise StageError(f"scaling asks for {job.scaling.num_workers} GPU workers but the Ray cluster has "
-                         f"{res.get('GPU', 0):g} GPUs")
+                         f"{resources.get('GPU', 0):g} GPUs")
+
+
+def validate_inputs(job: JobConfig) -> None:
+    """Checks that need neither Ray nor torch, run first: bad input fails in one line within seconds (unreachable
+    or missing shards / storage, a missing init checkpoint or registered model, workers that cannot fit the
+    local Ray instance the job would start)."""
+    if job.data.shards:
+        manifest = storage.join(job.data.shards, "manifest.json")
+        storage.check_reachable(manifest)
+        if not storage.exists(manifest):
+            raise StageError(f"no manifest.json under data.shards={job.data.shards!r}: build shards first "
+                             f"(jobs/build_shards.py) or leave data.shards empty for the synthetic set")
+    if job.storage_path and not storage.is_local(job.storage_path):
+        storage.check_reachable(job.storage_path)
+    if job.init.from_:
+        check_init_source(job)
+    ray = sys.modules.get("ray")
+    if not (ray is not None and ray.is_initialized()) and not os.environ.get("RAY_ADDRESS"):
+        check_feasible(job, {"CPU": float(local_ray_cpus())})
+
+
+def tracking_uri_of(job: JobConfig) -> str:
+    """The MLflow tracking URI of the job (resolved even with tracking off: `init.from = models:/...` uses it)."""
+    from pipeline.tracking.mlflow_tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(job.tracking.tracking_uri, work_path(job))
+
+
+def check_init_source(job: JobConfig) -> None:
+    """One-line error unless `init.from` names an existing checkpoint or registered model version."""
+    uri = job.init.from_
+    if uri.startswith("runs:/"):
+        return
+    if uri.startswith("models:/"):
+        from mlflow.store.artifact.utils.models import get_model_name_and_version
+        from mlflow.tracking import MlflowClient
+
+        from pipeline.tracking.mlflow_tracking import normalize_model_uri
+
+        tracking_uri = tracking_uri_of(job)
+        try:
+            get_model_name_and_version(MlflowClient(tracking_uri, registry_uri=tracking_uri),
+                                       normalize_model_uri(uri))
+        except Exception as e:  # noqa: BLE001 - any registry error becomes one readable line
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StageError(f"init.from={uri!r} does not resolve in the MLflow registry at {tracking_uri}: "
+                             f"{first}") from e
+        return
+    if not storage.exists(storage.join(checkpoint_dir_of(uri), "model.pt")):
+        raise StageError(f"init.from={uri!r}: no model.pt there (expected a checkpoint directory or its model.pt)")
+
+
+def checkpoint_dir_of(uri: str) -> str:
+    """Same as pipeline.train.checkpoint.checkpoint_dir_of (which imports torch)."""
+    return uri.rsplit("/", 1)[0] if uri.rstrip("/").endswith(".pt") else uri.rstrip("/")
 
 
 def init_ray(job: JobConfig) -> None:
@@ -92,7 +155,7 @@ def init_ray(job: JobConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=max(4, (os.cpu_count() or 2) * 2), include_dashboard=False, runtime_env=runtime_env,
+        ray.init(num_cpus=local_ray_cpus(), include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=True)
     from ray.data import DataContext
 
@@ -104,13 +167,16 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
 
     `callbacks`: Ray Train `UserCallback`s, e.g. Tune's `TuneReportCallback()` when a Tune trial drives the stage.
     """
+    validate_inputs(job)  # before the heavy imports below: bad input fails within seconds
+
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from pipeline.data.loader import build_dataset
     from pipeline.tracking import mlflow_tracking as mt
-    from pipeline.train.loop import train_loop_per_worker
+    from pipeline.train.loop import DEBUG_ENV, train_loop_per_worker
 
+    tracking_uri = tracking_uri_of(job)  # also with tracking off: the workers resolve init.from=models:/ there
     init_ray(job)
     check_feasible(job)
     job = ensure_shards(job)
@@ -121,14 +187,17 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
         job = dataclasses.replace(job, model=dataclasses.replace(job.model, num_classes=len(categories)))
     has_val = job.data.val_split in manifest.get("splits", {}) or storage.exists(
         storage.join(job.data.shards, job.data.val_split))
-    datasets = {"train": build_dataset(job.data, job.data.train_split, train=True)}
+    storage_path = job.storage_path or work_path(job, "ray_results")
+    # Augmentation epochs count from the epoch a resumed run restarts in (see pipeline.data.loader).
+    start_epoch = resume_epoch(storage_path, job.run_name)
+    if start_epoch:
+        print(f"[train] run {job.run_name} has a checkpoint in epoch {start_epoch}: resuming")
+    datasets = {"train": build_dataset(job.data, job.data.train_split, train=True, epoch_seed=start_epoch)}
     if has_val:
         datasets["val"] = build_dataset(job.data, job.data.val_split, train=False)
 
-    storage_path = job.storage_path or work_path(job, "ray_results")
-    tracking_uri, run_id = "", ""
+    run_id = ""
     if job.tracking.enabled:
-        tracking_uri = mt.resolve_tracking_uri(job.tracking.tracking_uri, work_path(job))
         experiment = job.tracking.experiment or f"codetr-{job.stage}"
         run_id = mt.get_or_create_run(tracking_uri, experiment, job.run_name,
                                       tags={"dataset": job.dataset, "stage": job.stage})
@@ -139,6 +208,7 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
     loop_config: dict[str, Any] = {
         "job": to_dict(job), "categories": categories, "init_from": job.init.from_, "has_val": has_val,
         "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
+        "debug_env": {k: v for k, v in os.environ.items() if k in DEBUG_ENV},  # test knobs, see loop.py
     }
     fs, path = (None, storage_path)
     if "://" in storage_path and not storage.is_local(storage_path):
@@ -162,12 +232,23 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
     ckpt_uri = _checkpoint_uri(ckpt.path, storage_path) if ckpt else ""
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     print(f"[train] finished {job.run_name}: checkpoint {ckpt_uri}")
-    out = StageResult(job.run_name, ckpt_uri, metrics, run_id, tracking_uri)
+    out = StageResult(job.run_name, ckpt_uri, metrics, run_id, tracking_uri if job.tracking.enabled else "")
     if job.tracking.enabled and ckpt is not None and register:
         out = _register(job, out, categories)
     if job.tracking.enabled:
         mt.end_run(tracking_uri, run_id)
     return out
+
+
+def resume_epoch(storage_path: str, run_name: str) -> int:
+    """The epoch a re-run of `run_name` resumes in: `epoch` of the latest checkpoint in Ray Train's snapshot
+    (the loop reports the running epoch mid-epoch and the next one at an epoch end); 0 for a new run."""
+    snapshot = storage.join(storage_path, run_name, "checkpoint_manager_snapshot.json")
+    try:
+        latest = storage.read_json(snapshot).get("latest_checkpoint_result") or {}
+    except (FileNotFoundError, ValueError):
+        return 0
+    return int((latest.get("metrics") or {}).get("epoch", 0))
 
 
 def _checkpoint_uri(path: str, storage_path: str) -> str:

@@ -10,7 +10,6 @@ from torch import nn
 
 from pipeline.train import checkpoint as ckpt_io
 
-
 # Substrings of the parameter names whose leading dimension is the class count (n, n+1 with background,
 # 4n class-specific boxes). Only these are remapped; everything else must match in shape.
 CLASS_PARAM_KEYS = ("cls_branches", "label_embedding", "atss_cls", "fc_cls", "fc_reg")

@@ -6,6 +6,16 @@ Data position: the checkpoint stores the image ids consumed so far in the runnin
 worker). A resumed run skips exactly those ids for the rest of that epoch, so no image is replayed or skipped
 beyond the last checkpoint interval, whatever order Ray Data streams the rows in. Workers stay in lockstep (DDP)
 by agreeing each micro-step whether every worker still has a batch.
+
+Test / debug knobs (environment variables of the driver, forwarded to the workers in the loop config, or of the
+workers themselves):
+    CODETR_FAULT_AT_STEP=N    rank 0 dies (`os._exit(1)`, as a killed process would) right after optimizer step N,
+                              once: it first creates the marker file CODETR_FAULT_MARKER (default
+                              `<tmp>/codetr-fault-<run name>-step<N>`) and never fires while the marker exists.
+                              Ray Train then restarts the worker group from the last checkpoint (FailureConfig).
+                              Before dying it waits until the controller has collected the reports already made.
+    CODETR_TRACE_IDS=PATH     rank 0 appends one JSON line per optimizer step to the local file PATH:
+                              {"epoch", "step", "ids": image ids of that step over all workers, "t": unix time, "pid"}.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -43,12 +54,17 @@ def _all_have(flag: bool, world: int) -> bool:
     return bool(t.item())
 
 
-def _gather_ids(ids: list[int], world: int) -> list[int]:
+def _gather_all(ids: list[int], world: int) -> list[int]:
+    """Every worker's `ids`, concatenated in rank order (duplicates kept)."""
     if world == 1:
         return list(ids)
     out: list[Any] = [None] * world
     dist.all_gather_object(out, list(ids))
-    return sorted({i for part in out for i in part})
+    return [i for part in out for i in part]
+
+
+def _gather_ids(ids: list[int], world: int) -> list[int]:
+    return sorted(set(_gather_all(ids, world)))
 
 
 def _drop_seen(batch: Any, seen: set[int]) -> Any | None:
@@ -62,6 +78,50 @@ def _drop_seen(batch: Any, seen: set[int]) -> Any | None:
         return batch
     return dataclasses.replace(batch, images=batch.images[keep], masks=batch.masks[keep],
                                targets=[batch.targets[i] for i in keep])
+
+
+DEBUG_ENV = ("CODETR_FAULT_AT_STEP", "CODETR_FAULT_MARKER", "CODETR_TRACE_IDS")
+
+
+def _knob(config: dict[str, Any], name: str) -> str:
+    """A debug knob: the worker's environment, else the driver's (forwarded as `config["debug_env"]`)."""
+    return os.environ.get(name) or config.get("debug_env", {}).get(name, "")
+
+
+def _maybe_fault(config: dict[str, Any], step: int, rank: int, run_name: str) -> None:
+    """CODETR_FAULT_AT_STEP: kill this worker (rank 0) once, right after optimizer step N (see module doc)."""
+    at = _knob(config, "CODETR_FAULT_AT_STEP")
+    if rank != 0 or not at or int(at) != step:
+        return
+    marker = _knob(config, "CODETR_FAULT_MARKER") or os.path.join(
+        tempfile.gettempdir(), f"codetr-fault-{run_name}-step{step}")
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: fires at most once per marker
+    except FileExistsError:
+        return
+    os.close(fd)
+    _wait_reports_collected()
+    print(f"[train] CODETR_FAULT_AT_STEP={step}: killing rank 0 (pid {os.getpid()})", flush=True)
+    os._exit(1)
+
+
+def _wait_reports_collected(timeout_s: float = 120.0) -> None:
+    """Block until the Train controller has taken this worker's pending `ray.train.report` results.
+
+    Ray Train V2 (2.60) queues a report in the worker and the controller polls it every
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a worker that dies within that window loses its last report, and its
+    run resumes from the checkpoint before. The fault knob waits, so the test sees a well-defined resume point.
+    Uses Ray's internal train context (debug path only)."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        pending = get_train_context().get_result_queue()
+    except Exception:  # noqa: BLE001 - internal API moved: fall back to a few poll intervals
+        time.sleep(10.0)
+        return
+    deadline = time.monotonic() + timeout_s
+    while pending.unfinished_tasks and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -128,16 +188,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seen_all = [] if epoch_done else _gather_ids(seen_local, world)
         trainer_state = {**state, "seen_ids": seen_all, "world_size": world,
                          "mlflow_run_id": config.get("mlflow_run_id", "")}
-        checkpoint = None
-        tmp = tempfile.mkdtemp(prefix="codetr-ckpt-")
+        checkpoint, tmp = None, None
         if rank == 0:
+            tmp = tempfile.mkdtemp(prefix="codetr-ckpt-")
             ckpt_io.save_checkpoint(
                 tmp, model_state=model.state_dict(), trainer_state=trainer_state, config_yaml=config_yaml,
                 categories=config["categories"], optimizer_state=optimizer.state_dict(),
                 ema_state=ema.module.state_dict() if ema is not None else None)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)  # Ray:
         ray.train.report({**metrics, "step": state["step"], "epoch": state["epoch"]}, checkpoint=checkpoint)  # Ray:
+        if tmp is not None:  # report has copied it into the run's storage (synchronous upload)
+            shutil.rmtree(tmp, ignore_errors=True)
 
+    trace_path = _knob(config, "CODETR_TRACE_IDS")
     max_steps = tcfg.max_steps if tcfg.max_steps > 0 else None
     done = max_steps is not None and state["step"] >= max_steps
     while not done and state["epoch"] < tcfg.epochs:
@@ -146,6 +209,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seen = set(state["seen_ids"])
         seen_local: list[int] = list(state["seen_ids"]) if rank == 0 else []
         stats, micro = StepStats(), 0
+        step_ids: list[int] = []
         ddp_model.train()
         batches = iter_batches(train_shard, per_worker, device, size_divisor=job.data.size_divisor,
                                shuffle_buffer=job.data.shuffle_buffer, prefetch_batches=job.data.prefetch_batches,
@@ -167,6 +231,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 step=state["step"], nonfinite=tcfg.nonfinite, no_sync=(micro + 1) % accum != 0)
             micro += 1
             seen_local.extend(int(t["image_id"]) for t in batch.targets)
+            step_ids.extend(int(t["image_id"]) for t in batch.targets)
             if losses is None:
                 stats.skipped_steps += 1
                 optimizer.zero_grad(set_to_none=True)
@@ -175,15 +240,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if micro % accum == 0:
                 optimizer_step(ddp_model, optimizer, tcfg.clip_grad_norm, ema)
                 state["step"] += 1
+                now = time.perf_counter()  # close the timing window before the stats may be reset below
+                stats.compute_s += now - t0
+                t0 = now
+                if trace_path:
+                    ids = _gather_all(step_ids, world)
+                    if rank == 0:
+                        with open(trace_path, "a") as f:
+                            f.write(json.dumps({"epoch": epoch, "step": state["step"], "ids": ids, "t": round(time.time(), 2),
+                                                "pid": os.getpid()}) + "\n")
+                step_ids = []
                 if state["step"] % tcfg.log_every_steps == 0:
                     metrics = {**stats.summary(world), "train/lr": optimizer.param_groups[0]["lr"] /
                                optimizer.param_groups[0]["lr_mult"]}
                     tracker.log(metrics, state["step"])
                     stats = StepStats()
                 done = max_steps is not None and state["step"] >= max_steps
-                if done or (tcfg.checkpoint_every_steps and state["step"] % tcfg.checkpoint_every_steps == 0):
-                    if not done:
-                        save_and_report({}, epoch_done=False)
+                if not done and tcfg.checkpoint_every_steps and state["step"] % tcfg.checkpoint_every_steps == 0:
+                    save_and_report({}, epoch_done=False)  # the final checkpoint comes after the eval below
+                _maybe_fault(config, state["step"], rank, job.run_name)
             stats.compute_s += time.perf_counter() - t0
             t_wait = time.perf_counter()
             if done:
