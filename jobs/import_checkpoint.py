@@ -5,14 +5,14 @@
 
     ray job submit --working-dir . -- python jobs/import_checkpoint.py \
         --src s3://bucket/official/co_dino_5scale_swin_large_1x_coco.pth \
-        --config configs/model/co_dino_swin_l.yaml --set model.co.aux_heads=[] --out s3://bucket/ckpt/swin_l_k0
+        --config configs/model/co_dino_swin_l.yaml --set 'model.co.aux_heads=[]' --out s3://bucket/ckpt/swin_l_k0
 
 Reads the .pth from any storage URI (a raw state dict or {"state_dict", "meta", ...}), drops EMA copies
 (`ema_*`) and non-parameter buffers, maps the authors' names onto the model of `--config`
 (pipeline/models/convert.py), checks names and shapes strictly and writes a checkpoint directory in the
 training format (model.pt, config.yaml, trainer_state.json, categories.json) that jobs/evaluate.py
 (`--model OUT`), finetuning (`--set init.from=OUT`) and the registry accept. With a K = 0 recipe
-(`--set model.co.aux_heads=[]`) the auxiliary heads of a K = 2 checkpoint are skipped and listed.
+(`--set 'model.co.aux_heads=[]'`) the auxiliary heads of a K = 2 checkpoint are skipped and listed.
 The model config is saved with `backbone.pretrained=false` (the weights come from the checkpoint).
 
 Categories: `--categories auto` (default) takes the names in the checkpoint's meta (mmdet 2.x `CLASSES`,
@@ -111,6 +111,7 @@ def main() -> None:
         conv = convert.convert_checkpoint(sd, cfg.co.aux_heads, cfg.backbone.out_indices)
         if conv.unknown:
             raise ValueError(convert.unknown_keys_message(conv.unknown))
+        cats, cats_how = categories_for(args.categories, convert.checkpoint_classes(meta), cfg.num_classes)
         from pipeline.models import build_model
 
         try:
@@ -121,7 +122,6 @@ def main() -> None:
         state = convert.fit_to_model(conv, model.state_dict())
         model.load_state_dict(state, strict=True, assign=True)  # the strict load itself
         state = {k: v.contiguous() for k, v in state.items()}
-        cats, cats_how = categories_for(args.categories, convert.checkpoint_classes(meta), cfg.num_classes)
 
         trainer_state = {"epoch": 0, "step": 0, "seen_ids": [], "best_ap": -1.0, "imported_from": args.src,
                          "import": conv.summary(),

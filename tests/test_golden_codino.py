@@ -1,4 +1,4 @@
-"""Our Co-DINO (inference path, one-to-one losses, aux head losses) against the authors' model on the golden fixture.
+"""Our Co-DINO (inference, one-to-one and aux head losses) against the authors' model on the golden fixture.
 
 The fixture (shared/golden/co_dino_r50, README there) holds outputs of the authors' mmdet 3.x Co-DINO R50 for
 deterministic random weights keyed by the authors' state-dict names. We rebuild those weights, map them with
@@ -89,8 +89,9 @@ def golden():
     exp = torch.load(GOLDEN / "expected.pt", weights_only=False)
     inp = torch.load(GOLDEN / "inputs.pt", weights_only=False)
     official = _make_weights().official_state_dict()
-    # K = 2 (the fixture's heads); mmdet 3.x takes the top max_per_img (300) before NMS, the 2.x code num_query
-    cfg = ModelConfig(num_classes=80, co=CoConfig(aux_heads=("atss", "faster_rcnn")), test=TestConfig(topk=300))
+    # K = 2 (the fixture's heads); mmdet 3.x takes the top max_per_img (300) before NMS, 2.x num_query (900)
+    co = CoConfig(aux_heads=("atss", "faster_rcnn"))
+    cfg = ModelConfig(num_classes=80, co=co, test=TestConfig(topk=300))
     model = build_model(cfg)
     model.load_state_dict(convert_official_state_dict(official, cfg.co.aux_heads), strict=True)
     model.eval()
@@ -246,7 +247,7 @@ def test_aux_head_losses(golden):
 
 
 def test_rpn_roi_terms_do_not_depend_on_sampling(golden):
-    """Another RPN / RoI draw: the random terms change, the compared ones do not; quotas filled to 512 RoIs."""
+    """Another RPN / RoI draw: the random terms change, the compared ones do not; 512 RoIs per image."""
     first, again = golden["aux_losses"], golden["rcnn_redraw"]
     for k in ("loss_rpn_bbox", "loss_bbox0", "acc0"):
         assert abs(float(first[k]) - float(again[k])) <= 1e-6 * max(1.0, abs(float(first[k]))), k

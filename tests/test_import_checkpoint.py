@@ -257,15 +257,18 @@ def test_import_job_k2_then_k0(fixture_pth, tmp_path):
     assert torch.equal(model.state_dict()["head.cls_branches.6.bias"], cls_bias)
 
 
-@needs_golden
-def test_import_job_unknown_key_is_one_line_error(tmp_path):
-    src = tmp_path / "bad.pth"
+def test_import_job_unknown_key_is_one_line_error(s3_bucket):
+    """A Co-Deformable key in a checkpoint read from S3: exit 2, one line naming it, nothing written."""
+    from pipeline import storage
+
+    buf = io.BytesIO()
     torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(64, 3, 7, 7),
-                               "query_head.transformer.pos_trans.weight": torch.zeros(2)}}, src)  # fmt: skip
-    res = _run_job("--src", str(src), "--out", str(tmp_path / "out"))
+                               "query_head.transformer.pos_trans.weight": torch.zeros(2)}}, buf)  # fmt: skip
+    storage.write_bytes(f"{s3_bucket}/official/bad.pth", buf.getvalue())
+    res = _run_job("--src", f"{s3_bucket}/official/bad.pth", "--out", f"{s3_bucket}/ckpt/bad")
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("error: ValueError: 1 checkpoint key(s) with no known mapping")
     assert "query_head.transformer.pos_trans.weight" in lines[0]
-    assert not (tmp_path / "out").exists()
+    assert storage.listdir(f"{s3_bucket}/ckpt") == []
