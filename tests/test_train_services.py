@@ -152,7 +152,7 @@ def test_mlflow_run_params_metrics_and_artifacts(s3_stage):
           f"data-wait fraction: {[round(m.value, 3) for m in wait]}")
 
     names = {a.path for a in client.list_artifacts(res.mlflow_run_id)}
-    assert {"config.yaml", "model"} <= names, names
+    assert {"config.yaml", "metrics"} <= names, names  # MLflow 3 keeps the logged model outside run artefacts
     local = client.download_artifacts(res.mlflow_run_id, "config.yaml", str(s3_stage["work"]))
     with open(local) as f:
         logged = yaml.safe_load(f)

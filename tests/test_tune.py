@@ -296,14 +296,23 @@ def search_run(tmp_path_factory, mlflow_server, ray_local):
     cfg = load_search(
         LOCAL, [*SEARCH_OVERRIDES, f"job.work_dir={work}", f"job.tracking.tracking_uri={mlflow_server}"]
     )
+    import ray
+
+    before = {"pgs": _live_placement_groups(), "free_cpu": ray.available_resources().get("CPU", 0.0)}
     t0 = time.time()
     res = run_search(cfg)
-    return cfg, res, time.time() - t0
+    return cfg, res, time.time() - t0, before
+
+
+def _live_placement_groups() -> set[str]:
+    import ray
+
+    return {k for k, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
 
 
 @pytest.mark.slow
 def test_search_runs_and_asha_stops_the_weaker_trial(search_run):
-    cfg, res, _ = search_run
+    cfg, res, _, _ = search_run
     assert len(res.rows) == 2
     good, bad = sorted(res.rows, key=lambda r: r["params"]["model.test.score_threshold"])
     assert good["status"] == "completed" and good["epochs"] == 2 and good["val/AR100"] > 0, res.table
@@ -319,7 +328,7 @@ def test_search_runs_and_asha_stops_the_weaker_trial(search_run):
 def test_mlflow_parent_and_child_runs(search_run, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    cfg, res, _ = search_run
+    cfg, res, _, _ = search_run
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("codetr-tune")
     runs = client.search_runs([exp.experiment_id])
@@ -383,19 +392,19 @@ def _alive_train_actors() -> list[str]:
 def test_stopped_trial_leaves_no_train_workers(search_run):
     import ray
 
-    _, res, _ = search_run
+    _, res, _, before = search_run
     assert any(r["stopped_early"] for r in res.rows)
     deadline = time.time() + 60
-    while True:
+    while True:  # a short grace period: actors die asynchronously after their owner
         alive = _alive_train_actors()
-        pgs = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
-        free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources()["CPU"]
-        if (not alive and not pgs and free == total) or time.time() > deadline:
+        pgs = _live_placement_groups() - before["pgs"]
+        free = ray.available_resources().get("CPU", 0.0)
+        if (not alive and not pgs and free >= before["free_cpu"]) or time.time() > deadline:
             break
         time.sleep(2)
     assert not alive, f"Train actors still alive after the search: {alive}"
-    assert not pgs, f"placement groups (reserved worker resources) left behind: {pgs}"
-    assert free == total, f"only {free} of {total} CPUs free after the search"
+    assert not pgs, f"placement groups (reserved Train worker resources) left behind: {pgs}"
+    assert free >= before["free_cpu"], f"{free} CPUs free after the search, {before['free_cpu']} before"
 
 
 @pytest.mark.slow
@@ -404,7 +413,7 @@ def test_rerun_with_same_name_resumes_instead_of_starting_over(search_run, mlflo
 
     from pipeline.tune.search import run_search
 
-    cfg, res, first_s = search_run
+    cfg, res, first_s, _ = search_run
     t0 = time.time()
     again = run_search(cfg)
     assert [(r["trial"], r["status"], r["epochs"]) for r in again.rows] == [

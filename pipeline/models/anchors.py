@@ -12,6 +12,7 @@ Grid: anchors for location (y, x) are base + (x s, y s, x s, y s); order (y, x, 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -106,3 +107,55 @@ def valid_flags(
         valid = (vy[:, None] & vx[None, :]).reshape(-1)
         flags.append(valid[:, None].expand(-1, num_base_anchors).reshape(-1))
     return flags
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_grid(
+    featmap_sizes: tuple[tuple[int, int], ...],
+    strides: tuple[int, ...],
+    scales: tuple[float, ...],
+    ratios: tuple[float, ...],
+    device: torch.device,
+) -> tuple[Tensor, ...]:
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable by autograd later
+        return tuple(grid_anchors(featmap_sizes, strides, scales=scales, ratios=ratios, device=device))
+
+
+def cached_grid_anchors(
+    featmap_sizes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    scales: Sequence[float],
+    ratios: Sequence[float],
+    device: torch.device | str,
+) -> list[Tensor]:
+    """`grid_anchors` memoised per (sizes, strides, scales, ratios, device) (least recently used 16): a batch of
+    the same shape reuses the same tensors, so callers must not modify them in place."""
+    key_sizes = tuple((int(h), int(w)) for h, w in featmap_sizes)
+    return list(_cached_grid(key_sizes, tuple(int(s) for s in strides), tuple(float(s) for s in scales),
+                             tuple(float(r) for r in ratios), torch.device(device)))  # fmt: skip
+
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_flags(
+    featmap_sizes: tuple[tuple[int, int], ...],
+    strides: tuple[int, ...],
+    pad_size: tuple[int, int],
+    num_base_anchors: int,
+    device: torch.device,
+) -> tuple[Tensor, ...]:
+    with torch.inference_mode(False), torch.no_grad():
+        return tuple(valid_flags(featmap_sizes, strides, pad_size, num_base_anchors, device))
+
+
+def cached_valid_flags(
+    featmap_sizes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    pad_size: tuple[int, int],
+    num_base_anchors: int = 1,
+    device: torch.device | str | None = None,
+) -> list[Tensor]:
+    """`valid_flags` memoised like `cached_grid_anchors` (least recently used 64; do not modify the tensors)."""
+    key_sizes = tuple((int(h), int(w)) for h, w in featmap_sizes)
+    return list(_cached_flags(key_sizes, tuple(int(s) for s in strides), (int(pad_size[0]), int(pad_size[1])),
+                              int(num_base_anchors), torch.device(device or "cpu")))  # fmt: skip

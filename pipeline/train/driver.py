@@ -155,7 +155,7 @@ def init_ray(job: JobConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=local_ray_cpus(), include_dashboard=False, runtime_env=runtime_env,
+        ray.init(address="local", num_cpus=local_ray_cpus(), include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=True)
     from ray.data import DataContext
 

@@ -247,8 +247,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ids = _gather_all(step_ids, world)
                     if rank == 0:
                         with open(trace_path, "a") as f:
-                            f.write(json.dumps({"epoch": epoch, "step": state["step"], "ids": ids, "t": round(time.time(), 2),
-                                                "pid": os.getpid()}) + "\n")
+                            f.write(json.dumps({"epoch": epoch, "step": state["step"], "ids": ids,
+                                                "t": round(time.time(), 2), "pid": os.getpid()}) + "\n")
                 step_ids = []
                 if state["step"] % tcfg.log_every_steps == 0:
                     metrics = {**stats.summary(world), "train/lr": optimizer.param_groups[0]["lr"] /
@@ -263,9 +263,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t_wait = time.perf_counter()
             if done:
                 break
-        state["epoch"] = epoch + 1
-        state["seen_ids"] = []
-        seen_local = []
+        if micro % accum:  # the epoch ended inside an accumulation cycle: drop that partial gradient (drop_last)
+            optimizer.zero_grad(set_to_none=True)
+        # Stopped by max_steps inside the epoch: the checkpoint keeps the running epoch and its seen images, so a
+        # later run with a larger max_steps continues this epoch instead of skipping the rest of it.
+        epoch_done = not done
+        if epoch_done:
+            state["epoch"] = epoch + 1
+            state["seen_ids"] = []
+            seen_local = []
         metrics: dict[str, float] = {}
         last = done or state["epoch"] >= tcfg.epochs
         if val_shard is not None and (last or state["epoch"] % job.eval.every_epochs == 0):
@@ -277,7 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
                 state["best_ap"] = max(state["best_ap"], metrics.get("val/AP", -1.0))
         tracker.log(metrics, state["step"])
-        save_and_report(metrics, epoch_done=True)
+        save_and_report(metrics, epoch_done=epoch_done)
     tracker.close()
 
 

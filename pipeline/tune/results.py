@@ -76,8 +76,8 @@ def trial_rows(grid: Any, search: SearchConfig, base: JobConfig, storage_root: s
         row.update(
             {
                 _metric_col(search): m.get(search.metric),
-                "steps": m.get("step"),
-                "epochs": m.get("epoch"),
+                "steps": _count(m.get("step")),
+                "epochs": _count(m.get("epoch")),
                 "stopped_early": status == "stopped early",
                 "status": status,
                 "stop_reason": reason,
@@ -89,6 +89,10 @@ def trial_rows(grid: Any, search: SearchConfig, base: JobConfig, storage_root: s
         )
         rows.append(row)
     return sorted(rows, key=lambda r: r["trial"])
+
+
+def _count(v: Any) -> int | None:
+    return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
 def best_row(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | None:

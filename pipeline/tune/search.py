@@ -40,6 +40,7 @@ from pipeline.config import (
     replace,
     to_dict,
 )
+from pipeline.tune.cleanup import CONTROLLER_KEY, ReleaseStoppedTrials, release_when_dead
 from pipeline.tune.space import (
     SearchConfig,
     TuneJobConfig,
@@ -152,7 +153,10 @@ class ReportToTune(TuneReportCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if metrics and self.metric in metrics[0]:
-            super().after_report(run_context, metrics, checkpoint)
+            import ray  # runs in the Train controller; its actor id lets the driver free a stopped trial's PG
+
+            rank0 = {**metrics[0], CONTROLLER_KEY: ray.get_runtime_context().get_actor_id()}
+            super().after_report(run_context, [rank0, *metrics[1:]], checkpoint)
 
 
 def trial_main(
@@ -190,7 +194,8 @@ def trial_main(
     # A trial resumed after its Train run had already finished trains nothing and reports nothing: hand Tune
     # the final result (for a normal ending this repeats the last report at the same step).
     if s.metric in res.metrics:
-        tune.report({**res.metrics, "checkpoint_path": res.checkpoint_uri})
+        counters = {k: int(res.metrics[k]) for k in ("step", "epoch") if k in res.metrics}
+        tune.report({**res.metrics, **counters, "checkpoint_path": res.checkpoint_uri})
 
 
 def trial_run_name(search_name: str, trial_id: str) -> str:
@@ -307,10 +312,17 @@ def run_search(cfg: TuneJobConfig) -> SearchResult:
                 trial_dirname_creator=trial_dirname,
             ),
             run_config=tune.RunConfig(
-                name=search.name, storage_path=root_path, storage_filesystem=fs, verbose=1
+                name=search.name,
+                storage_path=root_path,
+                storage_filesystem=fs,
+                verbose=1,
+                callbacks=[ReleaseStoppedTrials()],
             ),
         )
     grid = tuner.fit()
+    controllers = [r.metrics.get(CONTROLLER_KEY) for r in grid if r.metrics and r.metrics.get(CONTROLLER_KEY)]
+    if release_when_dead(controllers, timeout_s=60.0):
+        print("[tune] released the placement groups of stopped trials")
 
     rows = results.trial_rows(grid, search, base, storage_root)
     unfinished = [r["trial"] for r in rows if r["status"] == "unfinished"]
@@ -366,6 +378,6 @@ def _check_val_split(job: JobConfig, search: SearchConfig) -> None:
     split = job.data.val_split
     if split not in manifest.get("splits", {}) and not storage.exists(storage.join(job.data.shards, split)):
         raise ConfigError(
-            f"search.metric={search.metric} comes from evaluations, but the shards at {job.data.shards} have no "
-            f"'{split}' split (job.data.val_split)"
+            f"search.metric={search.metric} comes from evaluations, but the shards at {job.data.shards} have "
+            f"no '{split}' split (job.data.val_split)"
         )

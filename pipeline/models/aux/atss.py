@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.anchors import grid_anchors, valid_flags
+from pipeline.models.anchors import cached_grid_anchors, cached_valid_flags
 from pipeline.models.assigners import ATSSAssigner
 from pipeline.models.aux.base import AuxHead, AuxPositives
 from pipeline.models.box_ops import DeltaXYWHCoder, box_cxcywh_to_xyxy
@@ -169,7 +169,7 @@ class ATSSHead(AuxHead):
         device = cls_scores[0].device
         b = cls_scores[0].shape[0]
         sizes = [(int(m.shape[-2]), int(m.shape[-1])) for m in cls_scores]
-        level_anchors = grid_anchors(sizes, self.strides, scales=(self.anchor_scale,), ratios=(1.0,), device=device)
+        level_anchors = cached_grid_anchors(sizes, self.strides, (self.anchor_scale,), (1.0,), device)
         num_level_anchors = [a.shape[0] for a in level_anchors]
         anchors = torch.cat(level_anchors)  # (N, 4)
 
@@ -181,7 +181,7 @@ class ATSSHead(AuxHead):
                 pad = (-(-h // d) * d, -(-w // d) * d)
             else:
                 pad = (10**9, 10**9)  # every location of the batch maps is valid
-            flags = valid_flags(sizes, self.strides, pad, 1, device)
+            flags = cached_valid_flags(sizes, self.strides, pad, 1, device)
             gt = targets[i]["boxes"].to(device=device, dtype=torch.float32)
             gt_xyxy = box_cxcywh_to_xyxy(gt) * gt.new_tensor([w, h, w, h])
             labels, weights, tgt, num_pos = self.get_targets(

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
+from pipeline.models.aux.roi_align import roi_align
 from pipeline.models.box_ops import DeltaXYWHCoder
 from pipeline.models.loss_weights import RoiWeights
 from pipeline.models.losses import giou_loss, weight_reduce_loss
@@ -56,17 +56,18 @@ def multi_level_roi_align(
     output_size: int = 7,
     finest_scale: float = 56.0,
 ) -> Tensor:
-    """feats: L maps (B, C, h_l, w_l); rois: (R, 5) (batch index, x1, y1, x2, y2) pixels -> (R, C, S, S)."""
+    """feats: L maps (B, C, h_l, w_l); rois: (R, 5) (batch index, x1, y1, x2, y2) pixels -> (R, C, S, S).
+    RoIAlign is torchvision's (forward) with a vectorised CPU backward, see `aux/roi_align.py`."""
     if len(feats) != len(strides):
         raise ValueError(f"got {len(feats)} feature maps for {len(strides)} strides {tuple(strides)}")
     levels = map_roi_levels(rois[:, 1:], len(feats), finest_scale)
     out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], output_size, output_size))
     for lvl, (feat, stride) in enumerate(zip(feats, strides)):
         idx = (levels == lvl).nonzero().squeeze(1)
+        if idx.numel() == rois.shape[0]:  # every RoI on this level (common at small input sizes): no scatter
+            return roi_align(feat.to(rois.dtype), rois, output_size, 1.0 / stride, 0, True).to(out.dtype)
         if idx.numel() > 0:
-            pooled = roi_align(
-                feat.to(rois.dtype), rois[idx], output_size, spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True
-            )
+            pooled = roi_align(feat.to(rois.dtype), rois[idx], output_size, 1.0 / stride, 0, True)
             out = out.index_put((idx,), pooled.to(out.dtype))
     return out
 

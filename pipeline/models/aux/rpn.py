@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from pipeline.models.anchors import anchor_scales, grid_anchors, valid_flags
+from pipeline.models.anchors import anchor_scales, cached_grid_anchors, cached_valid_flags
 from pipeline.models.box_ops import DeltaXYWHCoder
 from pipeline.models.loss_weights import RpnWeights
 from pipeline.models.losses import weight_reduce_loss
@@ -98,8 +98,8 @@ class RPNHead(nn.Module):
         return objectness, deltas
 
     def anchors(self, featmap_sizes: Sequence[tuple[int, int]], device: torch.device) -> list[Tensor]:
-        """Per level (h_l * w_l * A, 4) xyxy pixels, order (y, x, anchor)."""
-        return grid_anchors(featmap_sizes, self.strides, ratios=self.ratios, scales=self.scales, device=device)
+        """Per level (h_l * w_l * A, 4) xyxy pixels, order (y, x, anchor); memoised per size (do not modify)."""
+        return cached_grid_anchors(featmap_sizes, self.strides, self.scales, self.ratios, device)
 
     def forward_train(
         self, feats: Sequence[Tensor], gt_boxes: Sequence[Tensor], img_sizes: Tensor
@@ -130,7 +130,7 @@ class RPNHead(nn.Module):
         cls_sum, bbox_sum, avg_factor = logits.new_zeros(()), pred.new_zeros(()), 0
         for i in range(b):
             valid = torch.cat(
-                valid_flags(sizes, self.strides, self._pad_size(img_sizes[i]), self.num_anchors, logits.device)
+                cached_valid_flags(sizes, self.strides, self._pad_size(img_sizes[i]), self.num_anchors, logits.device)
             )
             valid_idx = valid.nonzero().squeeze(1)
             priors = flat_anchors[valid_idx]
