@@ -143,7 +143,8 @@ def test_mlflow_run_params_metrics_and_artifacts(s3_stage):
     assert not [k for k, v in params.items() if v in secrets]
 
     loss = client.get_metric_history(res.mlflow_run_id, "train/loss")
-    assert sorted(m.step for m in loss) == [1, 2] and all(m.value > 0 for m in loss)
+    # a worker-group restart (e.g. Ray's memory monitor on a loaded machine) replays steps: same steps, more values
+    assert sorted({m.step for m in loss}) == [1, 2] and all(m.value > 0 for m in loss)
     ips = client.get_metric_history(res.mlflow_run_id, "train/images_per_s")
     wait = client.get_metric_history(res.mlflow_run_id, "train/data_wait_fraction")
     assert ips and all(m.value > 0 for m in ips) and all(0.0 <= m.value <= 1.0 for m in wait)

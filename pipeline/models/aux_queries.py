@@ -152,30 +152,58 @@ class AuxQueryProjection(nn.Module):
         return self.aux_pos_trans_norm[head_idx](self.aux_pos_trans[head_idx](pe))
 
 
-def _layer_losses(
-    logits: Tensor, boxes: Tensor, group: AuxGroup, factors: Tensor, num_classes: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One decoder layer: logits (B, M, nc), boxes (B, M, 4) normalised cxcywh -> unweighted (QFL, L1, GIoU)."""
+@dataclass
+class _GroupTargets:
+    """Per-group loss inputs shared by every decoder layer (computed once: same labels and targets each layer).
+
+    labels (N,), label_w (N,), box_w4 (N, 4), targets (N, 4) normalised cxcywh, pos (N,) bool, pos_xyxy (P, 4)
+    normalised xyxy of the positive targets, targets_px (N, 4) pixel xyxy; cls_avg (tensor) and box_avg (float) =
+    max(reduce_mean(#pos), 1); N = B * M.
+    """
+
+    labels: Tensor
+    label_w: Tensor
+    box_w4: Tensor
+    targets: Tensor
+    pos: Tensor
+    pos_xyxy: Tensor
+    targets_px: Tensor
+    cls_avg: Tensor
+    box_avg: float
+
+
+def _group_targets(group: AuxGroup, factors: Tensor, num_classes: int) -> _GroupTargets:
+    """float32 loss targets of a group; factors (N, 4) float32 (w, h, w, h) per query."""
     labels = group.labels.reshape(-1)
-    label_w = group.label_weights.reshape(-1).to(logits.dtype)
-    box_w = group.box_weights.reshape(-1).to(logits.dtype)
-    targets = group.targets.reshape(-1, 4).to(logits.dtype)
+    targets = group.targets.reshape(-1, 4).float()
+    pos = (labels >= 0) & (labels < num_classes)
+    num_pos = torch.tensor(float(pos.sum()), dtype=torch.float32, device=targets.device)
+    return _GroupTargets(
+        labels=labels,
+        label_w=group.label_weights.reshape(-1).float(),
+        box_w4=group.box_weights.reshape(-1).float()[:, None].expand(-1, 4),
+        targets=targets,
+        pos=pos,
+        pos_xyxy=box_cxcywh_to_xyxy(targets[pos]),
+        targets_px=box_cxcywh_to_xyxy(targets) * factors,
+        cls_avg=reduce_mean(num_pos).clamp(min=1),
+        box_avg=reduce_mean(num_pos).clamp(min=1).item(),
+    )
+
+
+def _layer_losses(
+    logits: Tensor, boxes: Tensor, t: _GroupTargets, factors: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One decoder layer: logits (B, M, nc), boxes (B, M, 4) normalised cxcywh, float32 -> unweighted
+    (QFL, L1, GIoU)."""
     logits = logits.reshape(-1, num_classes)
     boxes = boxes.reshape(-1, 4)
-
-    pos = (labels >= 0) & (labels < num_classes)
-    num_pos = logits.new_tensor(float(pos.sum()))
-    scores = logits.new_zeros(labels.shape)
-    scores[pos] = aligned_iou(box_cxcywh_to_xyxy(boxes[pos].detach()), box_cxcywh_to_xyxy(targets[pos]))
-    cls_avg = reduce_mean(num_pos).clamp(min=1)
-    loss_cls = weight_reduce_loss(quality_focal_loss(logits, labels, scores, beta=2.0), label_w, "mean", cls_avg)
-
-    box_avg = reduce_mean(num_pos).clamp(min=1).item()
-    box_w4 = box_w[:, None].expand(-1, 4)
+    scores = logits.new_zeros(t.labels.shape)
+    scores[t.pos] = aligned_iou(box_cxcywh_to_xyxy(boxes[t.pos].detach()), t.pos_xyxy)
+    loss_cls = weight_reduce_loss(quality_focal_loss(logits, t.labels, scores, beta=2.0), t.label_w, "mean", t.cls_avg)
     pred_px = box_cxcywh_to_xyxy(boxes) * factors
-    tgt_px = box_cxcywh_to_xyxy(targets) * factors
-    loss_iou = giou_loss(pred_px, tgt_px, weight=box_w4, avg_factor=box_avg)
-    loss_l1 = l1_loss(boxes, targets, weight=box_w4, avg_factor=box_avg)
+    loss_iou = giou_loss(pred_px, t.targets_px, weight=t.box_w4, avg_factor=t.box_avg)
+    loss_l1 = l1_loss(boxes, t.targets, weight=t.box_w4, avg_factor=t.box_avg)
     return loss_cls, loss_l1, loss_iou
 
 
@@ -203,10 +231,11 @@ def aux_decoder_losses(
         )
     hw = img_sizes.to(device=boxes.device, dtype=boxes.dtype)
     factors = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=1)  # (B, 4) w, h, w, h
-    factors = factors[:, None, :].expand(b, m, 4).reshape(-1, 4)
+    factors = factors[:, None, :].expand(b, m, 4).reshape(-1, 4).float()
+    targets = _group_targets(group, factors, nc)
     out: dict[str, Tensor] = {}
     for layer in range(num_layers):
-        lc, lb, li = _layer_losses(cls_logits[layer].float(), boxes[layer].float(), group, factors.float(), nc)
+        lc, lb, li = _layer_losses(cls_logits[layer].float(), boxes[layer].float(), targets, factors, nc)
         prefix = "" if layer == num_layers - 1 else f"d{layer}."
         out[f"{prefix}loss_cls_aux{head_index}"] = lc * weights.cls
         out[f"{prefix}loss_bbox_aux{head_index}"] = lb * weights.bbox
