@@ -10,8 +10,9 @@
 `--model` (its own config.yaml for checkpoint directories). Prints the metrics as one JSON object last.
 """
 
-import _bootstrap  # noqa: F401  (must come first: makes `pipeline` the package)
 import json
+
+import _bootstrap  # noqa: F401  (must come first: makes `pipeline` the package)
 
 from pipeline.cli import default_config, job_parser, load_job_config, run_main
 
