@@ -20,7 +20,7 @@ COMPONENTS = {  # name -> state-dict prefixes
     "backbone": ("backbone.",),
     "neck": ("neck.",),
     "encoder": ("transformer.encoder.", "transformer.level_embeds"),
-    "two_stage": ("transformer.enc_output", "transformer.query_embed"),
+    "two_stage": ("transformer.enc_output", "transformer.query_embed", "transformer.pos_trans"),  # query_embedding too
     "decoder": ("transformer.decoder.",),
     "heads": ("head.",),
     "denoising": ("denoising.",),

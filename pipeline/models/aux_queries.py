@@ -6,7 +6,9 @@
 2. `AuxQueryProjection`: content query = LayerNorm(Linear_{2C->C}(sine(inverse_sigmoid(box)))) per head
    (`aux_pos_trans.{i}`, `aux_pos_trans_norm.{i}`); the reference box is the group box itself.
 3. `aux_decoder_losses`: no matching; QFL (score = IoU of the detached prediction with its target on positives),
-   L1 on normalised cxcywh and GIoU on pixel xyxy, for every decoder layer, times lambda1.
+   L1 on normalised cxcywh and GIoU on pixel xyxy, for every decoder layer, times lambda1. Co-Deformable
+   (`cls_loss="focal"`): sigmoid focal loss (alpha 0.25, gamma 2) with the label weights instead of QFL.
+The Co-Deformable projection (with the coordinate-feature term) is `co_deformable.DeformableAuxQueryProjection`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from torch import Tensor, nn
 from pipeline.models.aux.base import AuxPositives
 from pipeline.models.box_ops import aligned_iou, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from pipeline.models.loss_weights import AuxDecoderWeights, co_loss_weights
-from pipeline.models.losses import giou_loss, l1_loss, quality_focal_loss, reduce_mean, weight_reduce_loss
+from pipeline.models.losses import (
+    giou_loss,
+    l1_loss,
+    quality_focal_loss,
+    reduce_mean,
+    sigmoid_focal_loss,
+    weight_reduce_loss,
+)
 from pipeline.models.position_encoding import get_proposal_pos_embed
 
 
@@ -151,6 +160,10 @@ class AuxQueryProjection(nn.Module):
         pe = get_proposal_pos_embed(inverse_sigmoid(boxes), num_feats=self.embed_dims // 2)  # (B, M, 2C)
         return self.aux_pos_trans_norm[head_idx](self.aux_pos_trans[head_idx](pe))
 
+    def queries(self, group: AuxGroup, head_idx: int) -> tuple[Tensor, Tensor | None]:
+        """(content query (B, M, C), None): Co-DINO's positional query is recomputed per decoder layer."""
+        return self(group.boxes, head_idx), None
+
 
 @dataclass
 class _GroupTargets:
@@ -192,15 +205,24 @@ def _group_targets(group: AuxGroup, factors: Tensor, num_classes: int) -> _Group
 
 
 def _layer_losses(
-    logits: Tensor, boxes: Tensor, t: _GroupTargets, factors: Tensor, num_classes: int
+    logits: Tensor,
+    boxes: Tensor,
+    t: _GroupTargets,
+    factors: Tensor,
+    num_classes: int,
+    focal: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One decoder layer: logits (B, M, nc), boxes (B, M, 4) normalised cxcywh, float32 -> unweighted
-    (QFL, L1, GIoU)."""
+    (QFL, L1, GIoU); focal = (alpha, gamma) uses the sigmoid focal loss instead of QFL."""
     logits = logits.reshape(-1, num_classes)
     boxes = boxes.reshape(-1, 4)
-    scores = logits.new_zeros(t.labels.shape)
-    scores[t.pos] = aligned_iou(box_cxcywh_to_xyxy(boxes[t.pos].detach()), t.pos_xyxy)
-    loss_cls = weight_reduce_loss(quality_focal_loss(logits, t.labels, scores, beta=2.0), t.label_w, "mean", t.cls_avg)
+    if focal is not None:
+        loss_cls = sigmoid_focal_loss(logits, t.labels, t.label_w, t.cls_avg, alpha=focal[0], gamma=focal[1])
+    else:
+        scores = logits.new_zeros(t.labels.shape)
+        scores[t.pos] = aligned_iou(box_cxcywh_to_xyxy(boxes[t.pos].detach()), t.pos_xyxy)
+        qfl = quality_focal_loss(logits, t.labels, scores, beta=2.0)
+        loss_cls = weight_reduce_loss(qfl, t.label_w, "mean", t.cls_avg)
     pred_px = box_cxcywh_to_xyxy(boxes) * factors
     loss_iou = giou_loss(pred_px, t.targets_px, weight=t.box_w4, avg_factor=t.box_avg)
     loss_l1 = l1_loss(boxes, t.targets, weight=t.box_w4, avg_factor=t.box_avg)
@@ -214,13 +236,14 @@ def aux_decoder_losses(
     img_sizes: Tensor,
     weights: AuxDecoderWeights | None = None,
     head_index: int = 0,
+    focal: tuple[float, float] | None = None,
 ) -> dict[str, Tensor]:
     """Losses of one aux group over all decoder layers (authors' `loss_single_aux`).
 
     cls_logits: (L, B, M, nc); boxes: (L, B, M, 4) sigmoid cxcywh normalised by the unpadded size; img_sizes:
     (B, 2) (h, w). weights: effective (lambda1-scaled) weights, default co_loss_weights().aux_decoder.
     Keys: last layer `loss_{cls,bbox,iou}_aux{k}`, others `d{l}.loss_{cls,bbox,iou}_aux{k}` (k = head_index,
-    group order RoI heads first).
+    group order RoI heads first). focal: (alpha, gamma) of the sigmoid focal loss replacing QFL (Co-Deformable).
     """
     weights = weights if weights is not None else co_loss_weights().aux_decoder
     num_layers, b, m, nc = cls_logits.shape
@@ -235,7 +258,7 @@ def aux_decoder_losses(
     targets = _group_targets(group, factors, nc)
     out: dict[str, Tensor] = {}
     for layer in range(num_layers):
-        lc, lb, li = _layer_losses(cls_logits[layer].float(), boxes[layer].float(), targets, factors, nc)
+        lc, lb, li = _layer_losses(cls_logits[layer].float(), boxes[layer].float(), targets, factors, nc, focal)
         prefix = "" if layer == num_layers - 1 else f"d{layer}."
         out[f"{prefix}loss_cls_aux{head_index}"] = lc * weights.cls
         out[f"{prefix}loss_bbox_aux{head_index}"] = lb * weights.bbox

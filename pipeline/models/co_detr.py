@@ -1,6 +1,7 @@
-"""Co-DETR detector (Co-DINO): the one file that knows every part.
+"""Co-DETR detector (Co-DINO, Co-Deformable-DETR): the one file that knows every part.
 
     model = build_model(ModelConfig())          # authors' Co-DINO R50, K = len(cfg.co.aux_heads)
+    model = build_model(load_config("configs/model/co_deformable_detr_r50.yaml").model)  # Co-Deformable-DETR
     losses = model(images, masks, targets)      # train mode: dict of named, already-weighted loss terms
     dets = model.eval()(images, masks)          # eval mode: list of dict(boxes xyxy, scores, labels)
 
@@ -9,11 +10,15 @@ training) -> head. With K auxiliary heads (spec 2, 3) the encoder memory also fe
 each aux head computes its own losses and exports positive coordinates, and each head's customized positive
 queries run their own decoder pass (`transformer.decode`) with the shared branches, losses x lambda1.
 Aux group k follows the authors' order: RoI heads (Faster R-CNN) first, then dense heads (ATSS).
+`cfg.arch == "co_deformable_detr"` swaps in `co_deformable.CoDeformableTransformer` (4 levels, 300 queries, mixed
+selection, no DN), focal classification losses, binary encoder labels, and aux queries with coordinate features
+(spec 1.2, 3.2, 4.2); the loss names are the same.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +28,10 @@ from pipeline.models.denoising import CdnQueryGenerator, DenoisingQueries
 from pipeline.models.dino_head import DINOHead
 from pipeline.models.transformer import CoDinoTransformer, EncoderOutput
 from pipeline.models.two_stage import QuerySelection, padding_masks_from_sizes
+
+if TYPE_CHECKING:
+    from pipeline.models.aux_queries import AuxQueryProjection
+    from pipeline.models.co_deformable import DeformableAuxQueryProjection
 
 AUX_PREFIXES = ("aux_heads.", "adapter.", "aux_query_proj.")  # training-only parts, dropped at export
 
@@ -60,9 +69,10 @@ class CoDETR(nn.Module):
         with_padding_mask: bool = True,
         aux_heads: list[nn.Module] | None = None,
         adapter: nn.Module | None = None,
-        aux_query_proj: nn.Module | None = None,
+        aux_query_proj: AuxQueryProjection | DeformableAuxQueryProjection | None = None,
         aux_group_size: tuple[int, int] = (9, 300),
         lambda1: float = 1.0,
+        aux_cls_weight: float | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -79,6 +89,9 @@ class CoDETR(nn.Module):
         self.aux_query_proj = aux_query_proj
         self.aux_group_size = aux_group_size
         self.lambda1 = lambda1
+        # aux-query classification base weight (x lambda1): None = AUX_DECODER_BASE (Co-DINO QFL 1.0);
+        # Co-Deformable passes its focal loss weight 2.0, as the authors reuse the main head's loss_cls
+        self.aux_cls_weight = aux_cls_weight
         if len(self.aux_heads) and (adapter is None or aux_query_proj is None):
             raise ValueError("aux heads need an adapter and an aux query projection")
 
@@ -178,16 +191,21 @@ class CoDETR(nn.Module):
 
         assert self.adapter is not None and self.aux_query_proj is not None
         maps = self.adapter(enc.memory, enc.spatial_shapes)  # L + 1 maps (B, C, h, w)
-        weights = AuxDecoderWeights(**{k: v * self.lambda1 for k, v in AUX_DECODER_BASE.items()})
+        base = dict(AUX_DECODER_BASE)
+        if self.aux_cls_weight is not None:
+            base["cls"] = self.aux_cls_weight
+        weights = AuxDecoderWeights(**{k: v * self.lambda1 for k, v in base.items()})
+        focal = (self.head.focal_alpha, self.head.focal_gamma) if self.head.cls_loss == "focal" else None
         losses: dict[str, Tensor] = {}
         for k, aux_head in enumerate(self.aux_heads):
             head_losses, positives = aux_head.forward_train(maps, targets, img_sizes)
             losses.update(head_losses)
             group = build_aux_groups(positives, img_sizes, self.num_classes, *self.aux_group_size)
-            query = self.aux_query_proj(group.boxes, k)
-            hidden, refs = self.transformer.decode(query, group.boxes, enc, self.head.reg_branches)
+            query, query_pos = self.aux_query_proj.queries(group, k)  # query_pos None: per-layer (Co-DINO)
+            hidden, refs = self.transformer.decode(query, group.boxes, enc, self.head.reg_branches,
+                                                   query_pos=query_pos)  # fmt: skip
             logits, boxes = self.head.predict(hidden, refs)
-            losses.update(aux_decoder_losses(logits, boxes, group, img_sizes, weights, head_index=k))
+            losses.update(aux_decoder_losses(logits, boxes, group, img_sizes, weights, head_index=k, focal=focal))
         return losses
 
     def _loss_targets(
@@ -263,6 +281,7 @@ def build_model(cfg: ModelConfig) -> CoDETR:
     from pipeline.models.position_encoding import SinePositionalEncoding
 
     t = cfg.transformer
+    deformable = cfg.arch == "co_deformable_detr"
     backbone = build_backbone(cfg.backbone)
     neck = build_neck(backbone, cfg.neck.out_channels, cfg.neck.num_outs)
     attn = dict(embed_dims=t.embed_dims, num_heads=t.num_heads, num_levels=t.num_levels, num_points=t.num_points,
@@ -271,17 +290,23 @@ def build_model(cfg: ModelConfig) -> CoDETR:
         [DeformableEncoderLayer(**attn) for _ in range(t.num_encoder_layers)], t.encoder_checkpoint_layers
     )
     decoder = DinoDecoder([DinoDecoderLayer(**attn) for _ in range(t.num_decoder_layers)], t.embed_dims,
-                          ref_eps=t.ref_eps, box_pe_temperature=t.box_pe_temperature)  # fmt: skip
+                          ref_eps=t.ref_eps, box_pe_temperature=t.box_pe_temperature,
+                          with_ref_point_head=not deformable, with_final_norm=not deformable)  # fmt: skip
     pe = SinePositionalEncoding(t.pe_num_feats, t.pe_temperature, t.pe_normalize, t.pe_offset)
-    transformer = CoDinoTransformer(
-        encoder, decoder, t.embed_dims, t.num_levels, t.num_queries, pe, t.proposal_base_wh,
-        (t.proposal_valid_min, t.proposal_valid_max),
-    )  # fmt: skip
+    transformer_args = (encoder, decoder, t.embed_dims, t.num_levels, t.num_queries, pe, t.proposal_base_wh,
+                        (t.proposal_valid_min, t.proposal_valid_max))  # fmt: skip
+    if deformable:
+        from pipeline.models.co_deformable import CoDeformableTransformer
+
+        transformer: CoDinoTransformer = CoDeformableTransformer(*transformer_args)
+    else:
+        transformer = CoDinoTransformer(*transformer_args)
     m = cfg.matcher
     matcher = HungarianMatcher(m.cls_cost, m.l1_cost, m.giou_cost, m.alpha, m.gamma)
     head = DINOHead(
         cfg.num_classes, t.embed_dims, t.num_decoder_layers, cfg.head.num_reg_fcs, cfg.head.cls_prior_prob,
         matcher, cfg.loss.cls_weight, cfg.loss.bbox_weight, cfg.loss.iou_weight, cfg.loss.qfl_beta, t.ref_eps,
+        cfg.loss.cls_loss, cfg.loss.focal_alpha, cfg.loss.focal_gamma, binary_enc_labels=deformable,
     )  # fmt: skip
     denoising = None
     if cfg.dn.enabled:
@@ -291,10 +316,13 @@ def build_model(cfg: ModelConfig) -> CoDETR:
     return CoDETR(
         backbone, neck, transformer, head, denoising, cfg.test, t.with_padding_mask, aux_heads, adapter, proj,
         (cfg.co.min_pos_queries, cfg.co.max_pos_queries), cfg.co.lambda1,
+        aux_cls_weight=cfg.loss.cls_weight if deformable else None,
     )  # fmt: skip
 
 
-def _build_aux(cfg: ModelConfig) -> tuple[list[nn.Module], nn.Module | None, nn.Module | None]:
+def _build_aux(
+    cfg: ModelConfig,
+) -> tuple[list[nn.Module], nn.Module | None, AuxQueryProjection | DeformableAuxQueryProjection | None]:
     """Aux heads in the authors' group order (RoI heads first, then dense heads), adapter and projections."""
     if not cfg.co.aux_heads:
         return [], None, None
@@ -303,6 +331,7 @@ def _build_aux(cfg: ModelConfig) -> tuple[list[nn.Module], nn.Module | None, nn.
     from pipeline.models.loss_weights import co_loss_weights
 
     weights = co_loss_weights(cfg.co.lambda1, cfg.co.lambda2, cfg.co.num_dec_layers_factor)
+    deformable = cfg.arch == "co_deformable_detr"  # aux queries with coordinate features (spec 3.1 point 5)
     order = [name for name in ("faster_rcnn", "atss") if name in cfg.co.aux_heads]
     heads: list[nn.Module] = []
     for k, name in enumerate(order):
@@ -313,12 +342,16 @@ def _build_aux(cfg: ModelConfig) -> tuple[list[nn.Module], nn.Module | None, nn.
             heads.append(ATSSHead(
                 cfg.num_classes, cfg.transformer.embed_dims, cfg.transformer.embed_dims, a.stacked_convs,
                 a.strides, a.anchor_scale, a.topk, a.coder_stds, weights.atss, loss_index=k,
-                focal_alpha=a.focal_alpha, focal_gamma=a.focal_gamma,
+                focal_alpha=a.focal_alpha, focal_gamma=a.focal_gamma, with_coord_feat=deformable,
             ))  # fmt: skip
         else:
             from pipeline.models.aux.faster_rcnn import FasterRCNNHead
 
             heads.append(FasterRCNNHead(cfg.num_classes, cfg.co.faster_rcnn, weights.rpn, weights.roi,
                                         cfg.transformer.embed_dims, loss_index=k))  # fmt: skip
-    adapter = MultiScaleAdapter(cfg.transformer.embed_dims)
+    adapter = MultiScaleAdapter(cfg.transformer.embed_dims)  # L memory maps + 1 extra (Co-DINO 6, Co-Deform 5)
+    if deformable:
+        from pipeline.models.co_deformable import DeformableAuxQueryProjection
+
+        return heads, adapter, DeformableAuxQueryProjection(len(heads), cfg.transformer.embed_dims)
     return heads, adapter, AuxQueryProjection(len(heads), cfg.transformer.embed_dims)

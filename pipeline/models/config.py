@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+ARCHS = ("co_dino", "co_deformable_detr")  # values of ModelConfig.arch
+
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -79,8 +81,11 @@ class DenoisingConfig:
 class LossConfig:
     """One-to-one losses [4.1]; the same weights for decoder layers, encoder proposals, DN and aux queries."""
 
-    cls_weight: float = 1.0  # QualityFocalLoss weight
+    cls_loss: str = "qfl"  # "qfl" (Co-DINO: QualityFocalLoss) | "focal" (Co-Deformable: sigmoid focal loss)
+    cls_weight: float = 1.0  # classification loss weight (Co-DINO QFL 1.0; Co-Deformable focal 2.0)
     qfl_beta: float = 2.0  # QFL modulating exponent
+    focal_alpha: float = 0.25  # sigmoid focal loss alpha (cls_loss "focal")
+    focal_gamma: float = 2.0  # sigmoid focal loss gamma (cls_loss "focal")
     bbox_weight: float = 5.0  # L1 on normalised cxcywh
     iou_weight: float = 2.0  # GIoU on pixel xyxy
     iou_eps: float = 1e-6  # eps of the IoU used as the QFL target (mmdet bbox_overlaps)
@@ -174,8 +179,14 @@ class CoConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Co-DINO model. Defaults: `co_dino_5scale_r50_1x_coco` (80 classes, 900 queries, K=2)."""
+    """Co-DETR model. Defaults: Co-DINO `co_dino_5scale_r50_1x_coco` (80 classes, 900 queries, K=2).
 
+    `arch` picks the query head / transformer flavour (CO_DETR_SPEC.md 1.2): "co_dino" (DINO decoder, CDN, QFL) or
+    "co_deformable_detr" (Deformable-DETR two-stage + box refine + mixed selection, no DN, focal loss; see
+    configs/model/co_deformable_detr_r50.yaml for the numbers that go with it).
+    """
+
+    arch: str = "co_dino"  # "co_dino" | "co_deformable_detr"
     num_classes: int = 80  # nc
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # image backbone
     neck: NeckConfig = field(default_factory=NeckConfig)  # channel mapper
@@ -189,6 +200,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         t = self.transformer
+        if self.arch not in ARCHS:
+            raise ValueError(f"model.arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.loss.cls_loss not in ("qfl", "focal"):
+            raise ValueError(f"model.loss.cls_loss must be 'qfl' or 'focal', got {self.loss.cls_loss!r}")
+        if self.arch == "co_deformable_detr" and self.dn.enabled:
+            raise ValueError("model.dn.enabled must be false for arch 'co_deformable_detr' (it has no denoising)")
         if self.num_classes < 1:
             raise ValueError(f"model.num_classes must be >= 1, got {self.num_classes}")
         if t.embed_dims != self.neck.out_channels:

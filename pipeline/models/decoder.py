@@ -5,6 +5,10 @@ Layer (post-norm): self-attn (q = k = x + pos, v = x) -> LN -> MSDeformAttn cros
 After layer l: new_ref = sigmoid(reg_branches[l](out_l) + inverse_sigmoid(ref, 1e-3)) using the output *before*
 the shared final `norm`; the next layer gets new_ref.detach(), while the returned references keep the
 non-detached new_ref (look-forward-twice: layer-l box losses reach layer l-1's refinement).
+
+Co-Deformable-DETR (CO_DETR_SPEC.md 1.2) uses the same layers and refinement with `with_ref_point_head=False`
+(a fixed positional query is passed to `forward` instead) and `with_final_norm=False` (no final LayerNorm), and
+inverse_sigmoid eps `ref_eps=1e-5`.
 """
 
 from __future__ import annotations
@@ -62,19 +66,26 @@ class DinoDecoderLayer(nn.Module):
 
 
 class DinoDecoder(nn.Module):
-    """Decoder layers + `ref_point_head` (MLP 2C -> C -> C) + the shared final LayerNorm `norm`."""
+    """Decoder layers + `ref_point_head` (MLP 2C -> C -> C) + the shared final LayerNorm `norm`.
+
+    with_ref_point_head=False: no `ref_point_head`, every call must pass a fixed `query_pos` (Co-Deformable);
+    with_final_norm=False: `norm` is the identity (Co-Deformable's decoder has no final LayerNorm).
+    """
 
     def __init__(self, layers: list[DinoDecoderLayer], embed_dims: int = 256, ref_eps: float = 1e-3,
-                 box_pe_temperature: float = 10000.0) -> None:
+                 box_pe_temperature: float = 10000.0, with_ref_point_head: bool = True,
+                 with_final_norm: bool = True) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.embed_dims = embed_dims
         self.ref_eps = ref_eps
         self.box_pe_temperature = box_pe_temperature
-        self.ref_point_head = nn.Sequential(
-            nn.Linear(2 * embed_dims, embed_dims), nn.ReLU(), nn.Linear(embed_dims, embed_dims)
-        )
-        self.norm = nn.LayerNorm(embed_dims)
+        self.ref_point_head: nn.Module | None = None
+        if with_ref_point_head:
+            self.ref_point_head = nn.Sequential(
+                nn.Linear(2 * embed_dims, embed_dims), nn.ReLU(), nn.Linear(embed_dims, embed_dims)
+            )
+        self.norm: nn.Module = nn.LayerNorm(embed_dims) if with_final_norm else nn.Identity()
 
     @property
     def num_layers(self) -> int:
@@ -100,9 +111,11 @@ class DinoDecoder(nn.Module):
         reg_branches: at least num_layers modules C -> 4 (refinement of layer l uses reg_branches[l]);
         attn_mask: (Q, Q) bool True = blocked (denoising groups); query_pos: (B, Q, C) fixed positional
         query used *instead of* the per-layer `ref_point_head` embedding (None = Co-DINO behaviour).
-        Returns hidden (num_layers, B, Q, C) after `norm`, references (num_layers + 1, B, Q, 4):
-        [initial, new_ref_0, ..., new_ref_{L-1}], the new refs not detached.
+        Returns hidden (num_layers, B, Q, C) after `norm` (the identity without a final norm), references
+        (num_layers + 1, B, Q, 4): [initial, new_ref_0, ..., new_ref_{L-1}], the new refs not detached.
         """
+        if query_pos is None and self.ref_point_head is None:
+            raise ValueError("this decoder has no ref_point_head: pass a fixed query_pos")
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, 1, L, 4)
         hidden, references = [], [reference_boxes]
         output = query
@@ -110,6 +123,7 @@ class DinoDecoder(nn.Module):
         for lid, layer in enumerate(self.layers):
             ref_input = ref[:, :, None] * ratios  # (B, Q, L, 4)
             if query_pos is None:
+                assert self.ref_point_head is not None
                 sine = coordinate_to_encoding(
                     ref_input[:, :, 0, :], self.embed_dims // 2, temperature=self.box_pe_temperature
                 )

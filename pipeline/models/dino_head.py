@@ -10,6 +10,10 @@ Losses (spec 4.1, 3.4), all on per-query targets:
 - L1 on normalised cxcywh and GIoU on pixel xyxy, both divided by max(#positives (all-reduced), 1).
 Matching queries / encoder proposals get targets from the Hungarian matcher; DN slots arrive with their
 targets. (The aux-query losses, same formulas without matching, are `aux_queries.aux_decoder_losses`.)
+
+Co-Deformable-DETR (spec 4.2): `cls_loss="focal"` replaces QFL by the sigmoid focal loss (alpha 0.25, gamma 2,
+weight 2.0, label weights, same avg factor), and `binary_enc_labels=True` matches the encoder proposals (then all
+tokens) against every GT labelled as class 0.
 """
 
 from __future__ import annotations
@@ -21,7 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.models.box_ops import aligned_iou, box_cxcywh_to_xyxy, inverse_sigmoid
-from pipeline.models.losses import giou_loss, l1_loss, quality_focal_loss, reduce_mean, weight_reduce_loss
+from pipeline.models.losses import (
+    giou_loss,
+    l1_loss,
+    quality_focal_loss,
+    reduce_mean,
+    sigmoid_focal_loss,
+    weight_reduce_loss,
+)
 from pipeline.models.matcher import HungarianMatcher
 
 LossTriple = tuple[Tensor, Tensor, Tensor]
@@ -51,9 +62,18 @@ class DINOHead(nn.Module):
         iou_weight: float = 2.0,
         qfl_beta: float = 2.0,
         ref_eps: float = 1e-3,
+        cls_loss: str = "qfl",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        binary_enc_labels: bool = False,
     ) -> None:
         super().__init__()
+        if cls_loss not in ("qfl", "focal"):
+            raise ValueError(f"cls_loss must be 'qfl' or 'focal', got {cls_loss!r}")
         self.num_classes = num_classes
+        self.cls_loss = cls_loss
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.binary_enc_labels = binary_enc_labels
         self.num_decoder_layers = num_decoder_layers
         self.matcher = matcher or HungarianMatcher()
         self.cls_weight, self.bbox_weight, self.iou_weight = cls_weight, bbox_weight, iou_weight
@@ -116,7 +136,7 @@ class DINOHead(nn.Module):
         box_weights: Tensor,
         img_sizes: Tensor,
     ) -> LossTriple:
-        """QFL / L1 / GIoU of queries with given targets (mmdet `loss_single` after `get_targets`).
+        """QFL (or focal) / L1 / GIoU of queries with given targets (mmdet `loss_single` after `get_targets`).
 
         logits: (B, Q, nc); boxes: (B, Q, 4) sigmoid cxcywh; labels: (B, Q) long, bg = nc; label_weights (B, Q);
         box_targets: (B, Q, 4) cxcywh normalised; box_weights: (B, Q, 4); img_sizes: (B, 2) (h, w).
@@ -131,11 +151,17 @@ class DINOHead(nn.Module):
         pos = (labels_f >= 0) & (labels_f < self.num_classes)
         num_pos = logits.new_tensor(float(pos.sum()))
 
-        scores = logits.new_zeros(labels_f.shape)
-        scores[pos] = aligned_iou(box_cxcywh_to_xyxy(boxes_f[pos]).detach(), box_cxcywh_to_xyxy(targets_f[pos]))
-        cls_avg = reduce_mean(num_pos).clamp(min=1)
-        qfl = quality_focal_loss(logits_f, labels_f, scores, beta=self.qfl_beta)
-        loss_cls = self.cls_weight * weight_reduce_loss(qfl, label_weights.reshape(-1), "mean", cls_avg)
+        if self.cls_loss == "focal":
+            cls_avg = reduce_mean(num_pos).clamp(min=1)
+            loss_cls = self.cls_weight * sigmoid_focal_loss(
+                logits_f, labels_f, label_weights.reshape(-1), cls_avg, self.focal_alpha, self.focal_gamma
+            )
+        else:
+            scores = logits.new_zeros(labels_f.shape)
+            scores[pos] = aligned_iou(box_cxcywh_to_xyxy(boxes_f[pos]).detach(), box_cxcywh_to_xyxy(targets_f[pos]))
+            cls_avg = reduce_mean(num_pos).clamp(min=1)
+            qfl = quality_focal_loss(logits_f, labels_f, scores, beta=self.qfl_beta)
+            loss_cls = self.cls_weight * weight_reduce_loss(qfl, label_weights.reshape(-1), "mean", cls_avg)
 
         box_avg = reduce_mean(num_pos).clamp(min=1).item()
         w = box_weights.reshape(-1, 4).to(boxes.dtype)
@@ -163,12 +189,17 @@ class DINOHead(nn.Module):
         img_sizes: Tensor,
     ) -> dict[str, Tensor]:
         """Matching-part losses of every decoder layer (`d{l}.loss_*`, last layer `loss_*`) and of the encoder
-        proposals (`enc_loss_*`). all_logits: (L, B, Q, nc); all_boxes: (L, B, Q, 4); enc_*: (B, K, ...)."""
+        proposals (`enc_loss_*`). all_logits: (L, B, Q, nc); all_boxes: (L, B, Q, 4); enc_*: (B, K, ...) (Co-DINO:
+        the top-k proposals; Co-DeformDETR: all K = S encoder tokens, with binary_enc_labels)."""
         losses = self._per_layer(
             [self.one_to_one_loss(all_logits[i], all_boxes[i], targets, img_sizes) for i in range(len(all_logits))],
             "loss",
         )
-        for name, value in zip(("cls", "bbox", "iou"), self.one_to_one_loss(enc_logits, enc_boxes, targets, img_sizes)):
+        enc_targets = targets
+        if self.binary_enc_labels:  # Co-Deformable: class-agnostic proposals, every GT is class 0
+            enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+        enc_losses = self.one_to_one_loss(enc_logits, enc_boxes, enc_targets, img_sizes)
+        for name, value in zip(("cls", "bbox", "iou"), enc_losses):
             losses[f"enc_loss_{name}"] = value
         return losses
 

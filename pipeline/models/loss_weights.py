@@ -19,6 +19,9 @@ At the defaults (lambda1 = 1.0, lambda2 = 2.0, num_dec_layers = 6) the effective
 | aux decoder box              | L1 (norm. cxcywh) | 5    | lambda1            | 5         | loss_bbox_aux{k}      |
 | aux decoder IoU              | GIoU (pixels)     | 2    | lambda1            | 2         | loss_iou_aux{k}       |
 
+Co-Deformable-DETR (`model.arch: co_deformable_detr`) uses the same table except the aux decoder classification,
+a sigmoid focal loss with the main head's weight 2.0 (x lambda1), as its one-to-one classification.
+
 The one-to-one (main, encoder and denoising) losses are not scaled by lambda1/lambda2 (QFL 1, L1 5, GIoU 2); they
 live in ModelConfig's loss weights.
 """

@@ -18,7 +18,9 @@ with c = centerness target of the positive anchor w.r.t. its GT, and decode = De
 mmdet sums per-level terms; summing all anchors at once is the same computation up to float summation order.
 
 Export: AuxPositives(head="atss", coords = all anchors (N, 4) xyxy, labels (N,) bg = nc (also for invalid anchors),
-targets (N, 4) assigned GT xyxy (zeros for negatives), feats=None).
+targets (N, 4) assigned GT xyxy (zeros for negatives), feats=None). With `with_coord_feat=True` (Co-Deformable,
+spec 3.1 point 5) feats = the adapter feature at each anchor's location, (N, C) per image: the input maps flattened
+level-major and row-major, which is the anchor order (one anchor per location).
 """
 
 from __future__ import annotations
@@ -91,9 +93,11 @@ class ATSSHead(AuxHead):
         prior_prob: float = 0.01,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        with_coord_feat: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.with_coord_feat = with_coord_feat  # export the adapter feature of every anchor (Co-Deformable)
         self.strides = tuple(int(s) for s in strides)
         self.anchor_scale = float(anchor_scale)
         self.weights = weights if weights is not None else co_loss_weights().atss
@@ -202,8 +206,12 @@ class ATSSHead(AuxHead):
             torch.stack(all_targets),
             num_pos_total,
         )
+        coord_feats = None
+        if self.with_coord_feat:  # (B, N, C): levels flattened level-major, row-major = anchor order
+            flat = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
+            coord_feats = list(flat.unbind(0))
         positives = AuxPositives(
-            head=self.name, coords=[anchors] * b, labels=all_labels, targets=all_targets, feats=None
+            head=self.name, coords=[anchors] * b, labels=all_labels, targets=all_targets, feats=coord_feats
         )
         return losses, positives
 
