@@ -3,12 +3,19 @@
 - `s3_endpoint`: moto's S3 server on 127.0.0.1 (HTTP, a separate thread), reachable from Ray workers too.
 - `s3_bucket`: a fresh bucket per test, as an `s3://` URI.
 - `ray_local`: one local Ray instance per test session (logical CPU overcommit on the 2-core machine).
+- `mlflow_server`: a real `mlflow server` process on 127.0.0.1 (SQLite, temp artefact store), one per module.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 import uuid
 
 import pytest
@@ -76,3 +83,50 @@ def ray_local(s3_endpoint):
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1:<free port>, SQLite backend and artefact store in a temp dir."""
+    d = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    log = open(d / "server.log", "w")  # noqa: SIM115 - closed in the finally below
+    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen(
+        [exe, "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
+         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}: {(d / 'server.log').read_text()}")
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server not healthy after 240 s: {(d / 'server.log').read_text()}")
+            time.sleep(1)
+        yield url
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)  # the server and its uvicorn workers: this process group only
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()

@@ -6,12 +6,6 @@ a temp dir). One stage run is shared by the tests of this module.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 
 import pytest
@@ -22,7 +16,6 @@ from pipeline import storage
 from pipeline.config import flatten, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
 
 # A tiny stage (see tests/test_train_fault.py): 8 images of 64-96 px, 2 per optimizer step.
 TINY = [
@@ -32,52 +25,6 @@ TINY = [
     "eval.every_epochs=100", "eval.max_images=2", "scaling.num_workers=1", "scaling.cpus_per_worker=1",
 ]
 SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` on 127.0.0.1:<free port>, SQLite backend and artefact store in a temp dir."""
-    d = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-    log = open(d / "server.log", "w")  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen(
-        [os.path.join(BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
-         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}: {(d / 'server.log').read_text()}")
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server not healthy after 240 s: {(d / 'server.log').read_text()}")
-            time.sleep(1)
-        yield url
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)  # the server and its uvicorn workers: this process group only
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                continue
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import collections
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
@@ -227,51 +225,6 @@ def test_job_rejects_bad_space_before_ray(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------------
 # one real search (slow)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    proc = subprocess.Popen(
-        [
-            exe,
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination",
-            f"{root}/artifacts",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("mlflow server did not come up")
-            time.sleep(1)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 SEARCH_OVERRIDES = [

@@ -26,11 +26,10 @@ from torch import Tensor, nn
 from pipeline.models.aux_queries import AuxGroup
 from pipeline.models.box_ops import inverse_sigmoid
 from pipeline.models.decoder import DinoDecoder
-from pipeline.models.deform_attn import MultiScaleDeformableAttention
 from pipeline.models.encoder import DeformableEncoder
 from pipeline.models.position_encoding import SinePositionalEncoding, get_proposal_pos_embed
-from pipeline.models.transformer import CoDinoTransformer, EncoderOutput, TransformerOutput
-from pipeline.models.two_stage import QuerySelection, encoder_proposals
+from pipeline.models.transformer import CoDinoTransformer, TransformerOutput
+from pipeline.models.two_stage import QuerySelection
 
 
 def select_topk_first_class(enc_logits: Tensor, enc_box_logits: Tensor, k: int) -> QuerySelection:
@@ -76,33 +75,11 @@ class CoDeformableTransformer(CoDinoTransformer):
         self.query_embedding = nn.Embedding(num_queries, embed_dims)
         self.pos_trans = nn.Linear(2 * embed_dims, 2 * embed_dims)
         self.pos_trans_norm = nn.LayerNorm(2 * embed_dims)
-        self.init_weights()
+        self.init_weights()  # again, now over pos_trans and query_embedding (mmdet's transformer init)
 
-    def init_weights(self) -> None:
-        """mmdet DeformableDetrTransformer init: Xavier-uniform on every matrix, MSDeformAttn init, normal level
-        embeds; `query_embedding` (a head module for the authors) keeps nn.Embedding's N(0, 1).
-        The parent constructor's call (before `pos_trans` exists) does nothing; ours runs at the end."""
-        if not hasattr(self, "pos_trans"):
-            return
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MultiScaleDeformableAttention):
-                m.init_weights()
-        nn.init.normal_(self.level_embeds)
-        nn.init.normal_(self.query_embedding.weight)
-
-    def select_queries(self, enc: EncoderOutput, cls_branch: nn.Module, reg_branch: nn.Module) -> QuerySelection:
-        """Encoder proposals scored by the encoder branches; top-`num_queries` by the first class logit; the
-        selection carries every token's logits and boxes for the encoder loss (see select_topk_first_class)."""
-        lo, hi = self.proposal_valid_range
-        memory, anchor_logits = encoder_proposals(
-            enc.memory, enc.padding_mask, enc.spatial_shapes, self.proposal_base_wh, lo, hi
-        )
-        output_memory = self.enc_output_norm(self.enc_output(memory))
-        enc_logits = cls_branch(output_memory)
-        enc_box_logits = reg_branch(output_memory) + anchor_logits
+    def topk(self, enc_logits: Tensor, enc_box_logits: Tensor) -> QuerySelection:
+        """Top-`num_queries` by the first class logit; the selection carries every token's logits and boxes for
+        the encoder loss (see select_topk_first_class)."""
         return select_topk_first_class(enc_logits, enc_box_logits, self.num_queries)
 
     def query_pos(self, ref_logits: Tensor) -> Tensor:

@@ -94,7 +94,9 @@ class CoDinoTransformer(nn.Module):
             if isinstance(m, MultiScaleDeformableAttention):
                 m.init_weights()
         nn.init.normal_(self.level_embeds)
-        nn.init.normal_(self.query_embed.weight)
+        for name in ("query_embed", "query_embedding"):  # content queries (Co-DINO / Co-Deformable name)
+            if isinstance(getattr(self, name, None), nn.Embedding):
+                nn.init.normal_(getattr(self, name).weight)
 
     # ------------------------------------------------------------------------------------------------------
     def encode(self, feats: Sequence[Tensor], mask: Tensor) -> EncoderOutput:
@@ -131,6 +133,10 @@ class CoDinoTransformer(nn.Module):
         output_memory = self.enc_output_norm(self.enc_output(memory))
         enc_logits = cls_branch(output_memory)
         enc_box_logits = reg_branch(output_memory) + anchor_logits
+        return self.topk(enc_logits, enc_box_logits)
+
+    def topk(self, enc_logits: Tensor, enc_box_logits: Tensor) -> QuerySelection:
+        """DINO selection by the max class logit. enc_logits: (B, S, nc); enc_box_logits: (B, S, 4)."""
         return select_topk(enc_logits, enc_box_logits, self.num_queries)
 
     def decode(

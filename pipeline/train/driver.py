@@ -155,8 +155,9 @@ def init_ray(job: JobConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=local_ray_cpus(), include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=True)
+        # the dashboard stays on (Ray's default): Ray Train's PlacementGroupCleaner polls the State API it serves
+        # and logs a warning every second without it
+        ray.init(address="local", num_cpus=local_ray_cpus(), runtime_env=runtime_env, log_to_driver=True)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
