@@ -68,6 +68,66 @@ def test_codino_r50_keys_fit_k2_k1_k0(aux_heads):
         assert conv.skipped_aux == []
 
 
+def _co_deformable_keys(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The authors' Co-Deformable-DETR R50 keys, derived from the Co-DINO R50 keys.tsv with the differences of
+    CO_DETR_SPEC.md 1.2 and 8 (names and shapes written from the spec, not from our model): C3-C5 neck inputs
+    (convs.1-3 become convs.0-2), 4 levels (offsets 256 / attention weights 128 rows, 4 level embeds, 5 ATSS
+    scales), no decoder norm / ref_point_head / label_embedding / query_embed, plus query_embedding (300, 256),
+    pos_trans 512 -> 512, aux_pos_trans 512 -> 512, pos_feats_{trans,norm}, head_pos_embed (2, 1)."""
+    meta = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731
+    out: dict[str, torch.Tensor] = {}
+    for k, v in official.items():
+        if k.startswith(("neck.convs.0.", "query_head.transformer.decoder.norm.", "query_head.dn_generator.",
+                         "query_head.transformer.decoder.ref_point_head.", "query_head.transformer.query_embed.",
+                         "bbox_head.0.scales.5.", "query_head.label_embedding")):  # fmt: skip
+            continue
+        if k.startswith("neck.convs."):
+            i = int(k.split(".")[2])
+            k = k.replace(f"neck.convs.{i}.", f"neck.convs.{i - 1}.")
+        elif k == "query_head.transformer.level_embeds":
+            v = meta(4, 256)
+        elif ".sampling_offsets." in k or ".attention_weights." in k:
+            v = meta(v.shape[0] * 4 // 5, *v.shape[1:])
+        elif ".aux_pos_trans." in k or ".aux_pos_trans_norm." in k:
+            v = meta(512, 512) if k.endswith("weight") and v.dim() == 2 else meta(512)
+        out[k] = v
+    t = "query_head.transformer."
+    out["query_head.query_embedding.weight"] = meta(300, 256)
+    out.update({t + "pos_trans.weight": meta(512, 512), t + "pos_trans.bias": meta(512),
+                t + "pos_trans_norm.weight": meta(512), t + "pos_trans_norm.bias": meta(512),
+                t + "head_pos_embed.weight": meta(2, 1)})  # fmt: skip
+    for g in range(2):
+        out.update({f"{t}pos_feats_trans.{g}.weight": meta(256, 256), f"{t}pos_feats_trans.{g}.bias": meta(256),
+                    f"{t}pos_feats_norm.{g}.weight": meta(256), f"{t}pos_feats_norm.{g}.bias": meta(256)})
+    return out
+
+
+@needs_golden
+@pytest.mark.parametrize("aux_heads", [("atss", "faster_rcnn"), ("atss",), ()])
+def test_co_deformable_r50_keys_fit_k2_k1_k0(aux_heads):
+    from pipeline.config import load_config
+    from pipeline.models import build_model
+    from pipeline.models.convert import convert_checkpoint, fit_to_model
+
+    heads = "[" + ",".join(aux_heads) + "]"
+    cfg = load_config(str(REPO / "configs/model/co_deformable_detr_r50.yaml"),
+                      ["model.backbone.pretrained=false", f"model.co.aux_heads={heads}"]).model  # fmt: skip
+    with torch.device("meta"):
+        model = build_model(cfg)
+    official = _co_deformable_keys(_official_meta())
+    official["query_head.transformer.head_pos_embed.weight"] = torch.tensor([[1.0], [2.0]])  # group 0 RCNN, 1 ATSS
+    conv = convert_checkpoint(official, aux_heads, cfg.backbone.out_indices)
+    state = fit_to_model(conv, model.state_dict())  # raises on any missing / unexpected / mis-shaped key
+    model.load_state_dict(state, strict=True, assign=True)
+    assert conv.unknown == []
+    if aux_heads:
+        want = {("atss", "faster_rcnn"): [[1.0], [2.0]], ("atss",): [[2.0]]}[aux_heads]
+        assert state["aux_query_proj.head_pos_embed.weight"].tolist() == want
+    else:
+        assert "query_head.transformer.head_pos_embed.weight" in conv.skipped_aux
+        assert not any(k.startswith("aux_") for k in state)
+
+
 def _swin_l_v1_keys() -> dict[str, torch.Tensor]:
     """The authors' SwinTransformerV1 (Swin-L, window 12) backbone keys with their shapes, written from the
     original Microsoft module layout (downsample at the end of a stage, per-output norm{i})."""

@@ -1,4 +1,4 @@
-"""Authors' Co-DINO checkpoints (Sense-X mmdet 2.x and mmdet 3.x ports, same names) -> our module names.
+"""Authors' Co-DETR checkpoints (Co-DINO and Co-Deformable-DETR; Sense-X mmdet 2.x and mmdet 3.x ports) -> our names.
 
     obj = torch.load("co_dino_5scale_r50_1x_coco.pth", map_location="cpu")
     sd, meta = split_checkpoint(obj)                        # {"state_dict", "meta"} or a raw state dict
@@ -39,9 +39,15 @@ loads aux_pos_trans.1 of a K = 2 checkpoint as its group 0; skipped keys are rep
 Dropped with a report: EMA copies (`ema_*`) and buffers that are no parameters (`num_batches_tracked`, FedLoss
 `fed_loss_weight`, Swin `relative_position_index` / `attn_mask`, `data_preprocessor.*`).
 
-Not covered: Co-Deformable-DETR (no model here yet; its keys `query_head.query_embedding`, `pos_trans*`,
-`pos_feats_*`, `head_pos_embed` are reported as unknown) and the ViT-L / SFP naming (`backbone.*` of EVA-02
-with rope buffers, `neck.p2..p6`): such keys come out as unknown or unexpected, never as a partial load.
+Co-Deformable-DETR (`model.arch: co_deformable_detr`, CO_DETR_SPEC.md 8 "Co-Deformable-specific keys"):
+  query_head.query_embedding.*                       -> transformer.query_embedding.*
+  query_head.transformer.pos_trans{,_norm}.*         -> transformer.pos_trans{,_norm}.*
+  query_head.transformer.pos_feats_{trans,norm}.g.*  -> aux_query_proj.pos_feats_{trans,norm}.{k}.*
+  query_head.transformer.head_pos_embed.weight (G, 1) -> aux_query_proj.head_pos_embed.weight, our groups' rows
+  (aux_pos_trans{,_norm} as above; the decoder has no norm / ref_point_head, the head no label_embedding).
+
+Not covered: the ViT-L / SFP naming (`backbone.*` of EVA-02 with rope buffers, `neck.p2..p6`): such keys come
+out as unknown or unexpected, never as a partial load.
 """
 
 from __future__ import annotations
@@ -83,6 +89,9 @@ DEPLOYED_RULES: list[tuple[str, str]] = [
     (r"^query_head\.transformer\.decoder\.(ref_point_head\..*|norm\..*)$", r"transformer.decoder.\1"),
     (r"^query_head\.(cls_branches\..*|reg_branches\..*)$", r"head.\1"),
     (r"^query_head\.(?:dn_generator\.)?label_embedding\.weight$", r"denoising.label_embedding.weight"),
+    # Co-Deformable-DETR: content queries live in the head for the authors, pos_trans in their transformer
+    (r"^query_head\.query_embedding\.(.*)$", r"transformer.query_embedding.\1"),
+    (r"^query_head\.transformer\.(pos_trans\..*|pos_trans_norm\..*)$", r"transformer.\1"),
 ]
 _NORM_RULE = re.compile(r"^(transformer\.(?:encoder|decoder)\.layers\.\d+\.)norms\.(\d)\.(.*)$")
 
@@ -95,11 +104,14 @@ AUX_KEY_MAP: dict[str, str] = {
     r"^query_head\.transformer\.aux_pos_trans\.(\d+)\.(.*)$": r"aux_query_proj.aux_pos_trans.{k}.\2",
     r"^query_head\.transformer\.aux_pos_trans_norm\.(\d+)\.(.*)$":
         r"aux_query_proj.aux_pos_trans_norm.{k}.\2",
+    r"^query_head\.transformer\.pos_feats_trans\.(\d+)\.(.*)$": r"aux_query_proj.pos_feats_trans.{k}.\2",
+    r"^query_head\.transformer\.pos_feats_norm\.(\d+)\.(.*)$": r"aux_query_proj.pos_feats_norm.{k}.\2",
     r"^query_head\.downsample\.(.*)$": r"adapter.downsample.\1",
     r"^bbox_head\.0\.(.*)$": r"aux_heads.{k}.\1",
     r"^rpn_head\.(.*)$": r"aux_heads.{k}.rpn_head.\1",
     r"^roi_head\.0\.(.*)$": r"aux_heads.{k}.roi_head.\1",
 }
+_HEAD_POS_EMBED = "query_head.transformer.head_pos_embed.weight"  # Co-Deformable (G, 1), rows = groups
 _AUX_OWNER = {r"^bbox_head\.": "atss", r"^rpn_head\.": "faster_rcnn", r"^roi_head\.": "faster_rcnn"}
 
 Transform = Callable[[Tensor], Tensor]
@@ -260,7 +272,7 @@ def _aux_name(name: str, ours: Sequence[str], theirs: Sequence[str]) -> tuple[bo
         owner = next((h for p, h in _AUX_OWNER.items() if re.match(p, name)), None)
         if not ours:
             return True, None
-        if "aux_pos_trans" in pattern:
+        if "aux_pos_trans" in pattern or "pos_feats" in pattern:  # per-group modules
             groups = theirs or AUX_ORDER  # no head keys in the checkpoint: assume the authors' K = 2 order
             owner = groups[int(m.group(1))] if int(m.group(1)) < len(groups) else None
             if owner is None:
@@ -294,6 +306,15 @@ def convert_checkpoint(
             conv.dropped_buffers.append(name)
             continue
         fn: Transform | None = None
+        if name == _HEAD_POS_EMBED:  # Co-Deformable (G, 1): one row per group, keep ours in our order
+            groups = theirs or AUX_ORDER
+            if not ours or any(h not in groups for h in ours):
+                conv.skipped_aux.append(name)
+                continue
+            rows = [groups.index(h) for h in ours]
+            conv.state["aux_query_proj.head_pos_embed.weight"] = tensor[rows]
+            conv.origin["aux_query_proj.head_pos_embed.weight"] = name
+            continue
         if name.startswith("backbone."):
             new, fn = _backbone_name(name, out_indices)
         else:
