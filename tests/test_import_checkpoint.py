@@ -213,14 +213,14 @@ def test_dropped_and_unknown_keys_are_reported():
     t = torch.zeros(1)
     sd = {"backbone.conv1.weight": t, "ema_backbone_conv1_weight": t, "ema_query_head_cls_branches_0_bias": t,
           "roi_head.0.bbox_head.fed_loss_weight": t, "backbone.bn1.num_batches_tracked": t,
-          "data_preprocessor.mean": t, "query_head.query_embedding.weight": t}  # fmt: skip
+          "data_preprocessor.mean": t, "query_head.transformer.unknown_proj.weight": t}  # fmt: skip
     conv = convert_checkpoint(sd)
     assert conv.dropped_ema == ["ema_backbone_conv1_weight", "ema_query_head_cls_branches_0_bias"]
     assert sorted(conv.dropped_buffers) == ["backbone.bn1.num_batches_tracked", "data_preprocessor.mean",
                                             "roi_head.0.bbox_head.fed_loss_weight"]  # fmt: skip
-    assert conv.unknown == ["query_head.query_embedding.weight"]
+    assert conv.unknown == ["query_head.transformer.unknown_proj.weight"]
     assert list(conv.state) == ["backbone.body.conv1.weight"]
-    with pytest.raises(ValueError, match=r"^1 checkpoint key\(s\) with no known mapping: query_head\.query_"):
+    with pytest.raises(ValueError, match=r"^1 checkpoint key\(s\) with no known mapping: query_head\.transformer\.unk"):
         convert_official_state_dict({"state_dict": sd, "meta": {}})
     sd_only, meta = split_checkpoint({"state_dict": sd, "meta": {"CLASSES": ("a", "b")}, "optimizer": {}})
     assert sd_only == sd and meta["CLASSES"] == ("a", "b")
@@ -318,17 +318,17 @@ def test_import_job_k2_then_k0(fixture_pth, tmp_path):
 
 
 def test_import_job_unknown_key_is_one_line_error(s3_bucket):
-    """A Co-Deformable key in a checkpoint read from S3: exit 2, one line naming it, nothing written."""
+    """A key no rule maps, in a checkpoint read from S3: exit 2, one line naming it, nothing written."""
     from pipeline import storage
 
     buf = io.BytesIO()
     torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(64, 3, 7, 7),
-                               "query_head.transformer.pos_trans.weight": torch.zeros(2)}}, buf)  # fmt: skip
+                               "query_head.transformer.unknown_proj.weight": torch.zeros(2)}}, buf)  # fmt: skip
     storage.write_bytes(f"{s3_bucket}/official/bad.pth", buf.getvalue())
     res = _run_job("--src", f"{s3_bucket}/official/bad.pth", "--out", f"{s3_bucket}/ckpt/bad")
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("error: ValueError: 1 checkpoint key(s) with no known mapping")
-    assert "query_head.transformer.pos_trans.weight" in lines[0]
+    assert "query_head.transformer.unknown_proj.weight" in lines[0]
     assert storage.listdir(f"{s3_bucket}/ckpt") == []
