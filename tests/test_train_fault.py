@@ -14,19 +14,11 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
+from tiny_stage import TINY_STAGE as TINY
 
 from pipeline.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A tiny stage: 8 train images of 64-96 px, 2 images per optimizer step (batch 1 x accumulation 2) = 4 steps per
-# epoch, no augmentation, evaluation only at the end on 2 images.
-TINY = [
-    "synthetic.images=8", "synthetic.val_images=2", "synthetic.classes=3", "synthetic.image_size=[64,96]",
-    "data.augment.policy=none", "data.batch_size=1", "data.num_workers=1", "data.map_batch_size=4",
-    "data.shuffle_buffer=0", "train.total_batch_size=2", "train.log_every_steps=1", "train.epochs=10",
-    "eval.every_epochs=100", "eval.max_images=2", "scaling.num_workers=1", "scaling.cpus_per_worker=1",
-]
 
 
 def tiny_job(work_dir: str, *overrides: str):

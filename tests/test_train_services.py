@@ -11,19 +11,13 @@ import uuid
 import pytest
 import torch
 import yaml
+from tiny_stage import TINY_STAGE as TINY
 
 from pipeline import storage
 from pipeline.config import flatten, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A tiny stage (see tests/test_train_fault.py): 8 images of 64-96 px, 2 per optimizer step.
-TINY = [
-    "synthetic.images=8", "synthetic.val_images=2", "synthetic.classes=3", "synthetic.image_size=[64,96]",
-    "data.augment.policy=none", "data.batch_size=1", "data.num_workers=1", "data.map_batch_size=4",
-    "data.shuffle_buffer=0", "train.total_batch_size=2", "train.log_every_steps=1", "train.epochs=10",
-    "eval.every_epochs=100", "eval.max_images=2", "scaling.num_workers=1", "scaling.cpus_per_worker=1",
-]
 SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential")
 
 

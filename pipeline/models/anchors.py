@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -109,16 +109,15 @@ def valid_flags(
     return flags
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_grid(
-    featmap_sizes: tuple[tuple[int, int], ...],
-    strides: tuple[int, ...],
-    scales: tuple[float, ...],
-    ratios: tuple[float, ...],
-    device: torch.device,
-) -> tuple[Tensor, ...]:
-    with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable by autograd later
-        return tuple(grid_anchors(featmap_sizes, strides, scales=scales, ratios=ratios, device=device))
+@functools.lru_cache(maxsize=64)
+def _memoised(fn: Callable[..., list[Tensor]], *args: object) -> tuple[Tensor, ...]:
+    """fn(*args) as a tuple of plain tensors (built outside inference mode so autograd can use them later)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return tuple(fn(*args))
+
+
+def _sizes_key(featmap_sizes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    return tuple((int(h), int(w)) for h, w in featmap_sizes)
 
 
 def cached_grid_anchors(
@@ -128,24 +127,11 @@ def cached_grid_anchors(
     ratios: Sequence[float],
     device: torch.device | str,
 ) -> list[Tensor]:
-    """`grid_anchors` memoised per (sizes, strides, scales, ratios, device) (least recently used 16): a batch of
-    the same shape reuses the same tensors, so callers must not modify them in place."""
-    key_sizes = tuple((int(h), int(w)) for h, w in featmap_sizes)
-    return list(_cached_grid(key_sizes, tuple(int(s) for s in strides), tuple(float(s) for s in scales),
-                             tuple(float(r) for r in ratios), torch.device(device)))  # fmt: skip
-
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_flags(
-    featmap_sizes: tuple[tuple[int, int], ...],
-    strides: tuple[int, ...],
-    pad_size: tuple[int, int],
-    num_base_anchors: int,
-    device: torch.device,
-) -> tuple[Tensor, ...]:
-    with torch.inference_mode(False), torch.no_grad():
-        return tuple(valid_flags(featmap_sizes, strides, pad_size, num_base_anchors, device))
+    """`grid_anchors` memoised per (sizes, strides, scales, ratios, device) (least recently used 64, shared with
+    `cached_valid_flags`): a batch of the same shape reuses the same tensors, so callers must not modify them."""
+    return list(_memoised(grid_anchors, _sizes_key(featmap_sizes), tuple(int(s) for s in strides),
+                          tuple(float(s) for s in scales), tuple(float(r) for r in ratios), None, None,
+                          torch.device(device)))  # fmt: skip
 
 
 def cached_valid_flags(
@@ -155,7 +141,7 @@ def cached_valid_flags(
     num_base_anchors: int = 1,
     device: torch.device | str | None = None,
 ) -> list[Tensor]:
-    """`valid_flags` memoised like `cached_grid_anchors` (least recently used 64; do not modify the tensors)."""
-    key_sizes = tuple((int(h), int(w)) for h, w in featmap_sizes)
-    return list(_cached_flags(key_sizes, tuple(int(s) for s in strides), (int(pad_size[0]), int(pad_size[1])),
-                              int(num_base_anchors), torch.device(device or "cpu")))  # fmt: skip
+    """`valid_flags` memoised like `cached_grid_anchors` (do not modify the tensors)."""
+    return list(_memoised(valid_flags, _sizes_key(featmap_sizes), tuple(int(s) for s in strides),
+                          (int(pad_size[0]), int(pad_size[1])), int(num_base_anchors),
+                          torch.device(device or "cpu")))  # fmt: skip

@@ -191,6 +191,7 @@ def _group_targets(group: AuxGroup, factors: Tensor, num_classes: int) -> _Group
     targets = group.targets.reshape(-1, 4).float()
     pos = (labels >= 0) & (labels < num_classes)
     num_pos = torch.tensor(float(pos.sum()), dtype=torch.float32, device=targets.device)
+    avg = reduce_mean(num_pos).clamp(min=1)  # one all-reduce for both normalisers
     return _GroupTargets(
         labels=labels,
         label_w=group.label_weights.reshape(-1).float(),
@@ -199,8 +200,8 @@ def _group_targets(group: AuxGroup, factors: Tensor, num_classes: int) -> _Group
         pos=pos,
         pos_xyxy=box_cxcywh_to_xyxy(targets[pos]),
         targets_px=box_cxcywh_to_xyxy(targets) * factors,
-        cls_avg=reduce_mean(num_pos).clamp(min=1),
-        box_avg=reduce_mean(num_pos).clamp(min=1).item(),
+        cls_avg=avg,
+        box_avg=avg.item(),
     )
 
 

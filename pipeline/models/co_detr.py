@@ -17,6 +17,7 @@ selection, no DN), focal classification losses, binary encoder labels, and aux q
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from pipeline.models.config import ModelConfig, TestConfig
 from pipeline.models.denoising import CdnQueryGenerator, DenoisingQueries
 from pipeline.models.dino_head import DINOHead
+from pipeline.models.loss_weights import AuxDecoderWeights, co_loss_weights
 from pipeline.models.transformer import CoDinoTransformer, EncoderOutput
 from pipeline.models.two_stage import QuerySelection, padding_masks_from_sizes
 
@@ -71,8 +73,7 @@ class CoDETR(nn.Module):
         adapter: nn.Module | None = None,
         aux_query_proj: AuxQueryProjection | DeformableAuxQueryProjection | None = None,
         aux_group_size: tuple[int, int] = (9, 300),
-        lambda1: float = 1.0,
-        aux_cls_weight: float | None = None,
+        aux_decoder_weights: AuxDecoderWeights | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -88,10 +89,8 @@ class CoDETR(nn.Module):
         self.adapter = adapter
         self.aux_query_proj = aux_query_proj
         self.aux_group_size = aux_group_size
-        self.lambda1 = lambda1
-        # aux-query classification base weight (x lambda1): None = AUX_DECODER_BASE (Co-DINO QFL 1.0);
-        # Co-Deformable passes its focal loss weight 2.0, as the authors reuse the main head's loss_cls
-        self.aux_cls_weight = aux_cls_weight
+        # effective (lambda1-scaled) aux-query loss weights, see loss_weights.py; default lambda1 = 1 (Co-DINO)
+        self.aux_decoder_weights = aux_decoder_weights or co_loss_weights().aux_decoder
         if len(self.aux_heads) and (adapter is None or aux_query_proj is None):
             raise ValueError("aux heads need an adapter and an aux query projection")
 
@@ -187,14 +186,10 @@ class CoDETR(nn.Module):
     ) -> dict[str, Tensor]:
         """Aux heads on the adapter maps, then one decoder pass per head's customized positive queries."""
         from pipeline.models.aux_queries import aux_decoder_losses, build_aux_groups
-        from pipeline.models.loss_weights import AUX_DECODER_BASE, AuxDecoderWeights
 
         assert self.adapter is not None and self.aux_query_proj is not None
         maps = self.adapter(enc.memory, enc.spatial_shapes)  # L + 1 maps (B, C, h, w)
-        base = dict(AUX_DECODER_BASE)
-        if self.aux_cls_weight is not None:
-            base["cls"] = self.aux_cls_weight
-        weights = AuxDecoderWeights(**{k: v * self.lambda1 for k, v in base.items()})
+        weights = self.aux_decoder_weights
         focal = (self.head.focal_alpha, self.head.focal_gamma) if self.head.cls_loss == "focal" else None
         losses: dict[str, Tensor] = {}
         for k, aux_head in enumerate(self.aux_heads):
@@ -315,9 +310,17 @@ def build_model(cfg: ModelConfig) -> CoDETR:
     aux_heads, adapter, proj = _build_aux(cfg)
     return CoDETR(
         backbone, neck, transformer, head, denoising, cfg.test, t.with_padding_mask, aux_heads, adapter, proj,
-        (cfg.co.min_pos_queries, cfg.co.max_pos_queries), cfg.co.lambda1,
-        aux_cls_weight=cfg.loss.cls_weight if deformable else None,
+        (cfg.co.min_pos_queries, cfg.co.max_pos_queries), aux_decoder_weights(cfg),
     )  # fmt: skip
+
+
+def aux_decoder_weights(cfg: ModelConfig) -> AuxDecoderWeights:
+    """The table's aux-query weights (x lambda1); Co-Deformable's classification term is its focal loss with the
+    main head's weight (2.0 x lambda1), as the authors reuse the head's `loss_cls`."""
+    w = co_loss_weights(cfg.co.lambda1, cfg.co.lambda2, cfg.co.num_dec_layers_factor).aux_decoder
+    if cfg.arch == "co_deformable_detr":
+        w = dataclasses.replace(w, cls=cfg.loss.cls_weight * cfg.co.lambda1)
+    return w
 
 
 def _build_aux(

@@ -150,20 +150,19 @@ class DINOHead(nn.Module):
         targets_f = box_targets.reshape(-1, 4).to(boxes.dtype)
         pos = (labels_f >= 0) & (labels_f < self.num_classes)
         num_pos = logits.new_tensor(float(pos.sum()))
+        avg = reduce_mean(num_pos).clamp(min=1)  # one all-reduce serves the class and the box normalisers
 
         if self.cls_loss == "focal":
-            cls_avg = reduce_mean(num_pos).clamp(min=1)
             loss_cls = self.cls_weight * sigmoid_focal_loss(
-                logits_f, labels_f, label_weights.reshape(-1), cls_avg, self.focal_alpha, self.focal_gamma
+                logits_f, labels_f, label_weights.reshape(-1), avg, self.focal_alpha, self.focal_gamma
             )
         else:
             scores = logits.new_zeros(labels_f.shape)
             scores[pos] = aligned_iou(box_cxcywh_to_xyxy(boxes_f[pos]).detach(), box_cxcywh_to_xyxy(targets_f[pos]))
-            cls_avg = reduce_mean(num_pos).clamp(min=1)
             qfl = quality_focal_loss(logits_f, labels_f, scores, beta=self.qfl_beta)
-            loss_cls = self.cls_weight * weight_reduce_loss(qfl, label_weights.reshape(-1), "mean", cls_avg)
+            loss_cls = self.cls_weight * weight_reduce_loss(qfl, label_weights.reshape(-1), "mean", avg)
 
-        box_avg = reduce_mean(num_pos).clamp(min=1).item()
+        box_avg = avg.item()
         w = box_weights.reshape(-1, 4).to(boxes.dtype)
         factors = img_sizes.flip(-1).repeat(1, 2).to(boxes.dtype)[:, None].expand(b, q, 4).reshape(-1, 4)
         pred_px = box_cxcywh_to_xyxy(boxes_f) * factors

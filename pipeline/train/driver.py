@@ -134,13 +134,10 @@ def check_init_source(job: JobConfig) -> None:
             raise StageError(f"init.from={uri!r} does not resolve in the MLflow registry at {tracking_uri}: "
                              f"{first}") from e
         return
+    from pipeline.train.checkpoint import checkpoint_dir_of
+
     if not storage.exists(storage.join(checkpoint_dir_of(uri), "model.pt")):
         raise StageError(f"init.from={uri!r}: no model.pt there (expected a checkpoint directory or its model.pt)")
-
-
-def checkpoint_dir_of(uri: str) -> str:
-    """Same as pipeline.train.checkpoint.checkpoint_dir_of (which imports torch)."""
-    return uri.rsplit("/", 1)[0] if uri.rstrip("/").endswith(".pt") else uri.rstrip("/")
 
 
 def init_ray(job: JobConfig) -> None:
