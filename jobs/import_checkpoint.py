@@ -29,25 +29,23 @@ import _bootstrap  # noqa: F401  (before any pipeline import: makes `pipeline` t
 from pipeline.cli import default_config, fail, job_parser, load_job_config, run_main
 
 # COCO 2017's 80 detection classes in the authors' label order, with their COCO category ids
-COCO_NAMES = (  # noqa: SIM905
-    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,"
-    "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,"
-    "handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,"
-    "skateboard,surfboard,tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,"
-    "sandwich,orange,broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,"
-    "toilet,tv,laptop,mouse,remote,keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,"
-    "clock,vase,scissors,teddy bear,hair drier,toothbrush"
-).split(",")
-COCO_IDS = [*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83),
-            *range(84, 91)]  # fmt: skip
 _SKIP_GROUPS = ("rpn_head", "roi_head", "bbox_head", "query_head.downsample", "aux_pos_trans")
+
+
+def coco_categories() -> list[dict]:
+    """COCO's 80 categories with their ids (1..90 with gaps), from torchvision's COCO weights metadata (index =
+    category id; "__background__" and the "N/A" gaps dropped)."""
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    names = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+    return [{"id": i, "name": n} for i, n in enumerate(names) if n not in ("__background__", "N/A")]
 
 
 def categories_for(choice: str, meta_classes: list[str] | None, num_classes: int) -> tuple[list[dict], str]:
     """(categories [{id, name}], where they came from) for `--categories` (see the module docstring)."""
     from pipeline import storage
 
-    coco = [{"id": i, "name": n} for i, n in zip(COCO_IDS, COCO_NAMES)]
+    coco = coco_categories()
     if choice == "coco":
         cats, how = coco, "COCO's 80 (--categories coco)"
     elif choice == "generic" or (choice == "auto" and meta_classes is None):

@@ -182,9 +182,8 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
     categories = [{k: c[k] for k in ("id", "name", "frequency") if k in c} for c in manifest["categories"]]
     if job.model.num_classes != len(categories):
         print(f"[train] model.num_classes {job.model.num_classes} -> {len(categories)} (from the shards' manifest)")
-        job = dataclasses.replace(job, model=dataclasses.replace(job.model, num_classes=len(categories)))
-    has_val = job.data.val_split in manifest.get("splits", {}) or storage.exists(
-        storage.join(job.data.shards, job.data.val_split))
+    job = with_manifest_classes(job, manifest)
+    has_val = has_split(job, manifest, job.data.val_split)
     storage_path = job.storage_path or work_path(job, "ray_results")
     # Augmentation epochs count from the epoch a resumed run restarts in (see pipeline.data.loader).
     start_epoch = resume_epoch(storage_path, job.run_name)
@@ -236,6 +235,19 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
     if job.tracking.enabled:
         mt.end_run(tracking_uri, run_id)
     return out
+
+
+def with_manifest_classes(job: JobConfig, manifest: dict[str, Any]) -> JobConfig:
+    """The job with model.num_classes = the number of categories in the shards' manifest."""
+    n = len(manifest["categories"])
+    if job.model.num_classes == n:
+        return job
+    return dataclasses.replace(job, model=dataclasses.replace(job.model, num_classes=n))
+
+
+def has_split(job: JobConfig, manifest: dict[str, Any], split: str) -> bool:
+    """Whether the shards hold `split` (listed in the manifest or present as a directory)."""
+    return split in manifest.get("splits", {}) or storage.exists(storage.join(job.data.shards, split))
 
 
 def resume_epoch(storage_path: str, run_name: str) -> int:

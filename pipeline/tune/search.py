@@ -20,7 +20,6 @@ How the parts fit (RAY_MLFLOW_NOTES.md, "Ray Tune with Train V2"):
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -250,7 +249,7 @@ def run_search(cfg: TuneJobConfig) -> SearchResult:
     from ray import tune
 
     from pipeline.tracking import mlflow_tracking as mt
-    from pipeline.train.driver import ensure_shards, init_ray, work_path
+    from pipeline.train.driver import ensure_shards, init_ray, tracking_uri_of, with_manifest_classes, work_path
     from pipeline.tune import results
 
     t0 = time.time()
@@ -258,13 +257,14 @@ def run_search(cfg: TuneJobConfig) -> SearchResult:
     probes = check_space(job, search.space, fixed=FIXED)  # one-line errors before Ray starts
     init_ray(job)
     check_cluster([job, *probes], search, ray.cluster_resources())
-    job = _with_dataset_classes(ensure_shards(job))  # once, on the driver: trials would race
+    job = ensure_shards(job)  # once, on the driver: trials would race
+    job = with_manifest_classes(job, storage.read_json(storage.join(job.data.shards, "manifest.json")))
     _check_val_split(job, search)
 
     storage_root = storage.join(job.storage_path or work_path(job, "ray_results"), "tune")
     tracking_uri, experiment, parent = "", "", ""
     if job.tracking.enabled:
-        tracking_uri = mt.resolve_tracking_uri(job.tracking.tracking_uri, work_path(job))
+        tracking_uri = tracking_uri_of(job)
         experiment = search.experiment or job.tracking.experiment or "codetr-tune"
         parent = mt.get_or_create_run(
             tracking_uri,
@@ -349,8 +349,7 @@ def run_search(cfg: TuneJobConfig) -> SearchResult:
     if unfinished:  # interrupted (Ctrl-C): leave the runs open; the same command resumes
         print(
             f"[tune] search interrupted with {len(unfinished)} unfinished trial(s): run the same command "
-            f"again "
-            f"to resume them"
+            f"again to resume them"
         )
     elif job.tracking.enabled:
         if search.register_best and best_config is not None and out.best_checkpoint_uri:
@@ -361,22 +360,13 @@ def run_search(cfg: TuneJobConfig) -> SearchResult:
     return out
 
 
-def _with_dataset_classes(job: JobConfig) -> JobConfig:
-    """model.num_classes from the shards' manifest (as run_stage does), so the best config is exact."""
-    manifest = storage.read_json(storage.join(job.data.shards, "manifest.json"))
-    n = len(manifest["categories"])
-    return (
-        job
-        if job.model.num_classes == n
-        else dataclasses.replace(job, model=dataclasses.replace(job.model, num_classes=n))
-    )
-
-
 def _check_val_split(job: JobConfig, search: SearchConfig) -> None:
     """The search metric comes from evaluations on the val split: without one no trial would ever report."""
+    from pipeline.train.driver import has_split
+
     manifest = storage.read_json(storage.join(job.data.shards, "manifest.json"))
     split = job.data.val_split
-    if split not in manifest.get("splits", {}) and not storage.exists(storage.join(job.data.shards, split)):
+    if not has_split(job, manifest, split):
         raise ConfigError(
             f"search.metric={search.metric} comes from evaluations, but the shards at {job.data.shards} have "
             f"no '{split}' split (job.data.val_split)"
