@@ -231,7 +231,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 step=state["step"], nonfinite=tcfg.nonfinite, no_sync=(micro + 1) % accum != 0)
             micro += 1
             seen_local.extend(int(t["image_id"]) for t in batch.targets)
-            step_ids.extend(int(t["image_id"]) for t in batch.targets)
+            if trace_path:
+                step_ids.extend(int(t["image_id"]) for t in batch.targets)
             if losses is None:
                 stats.skipped_steps += 1
                 optimizer.zero_grad(set_to_none=True)
