@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.models.deform_attn import (  # noqa: E402
+from pipeline.models.layers.deform_attn import (  # noqa: E402
     multi_scale_deformable_attn,
     multi_scale_deformable_attn_reference,
 )

@@ -9,7 +9,7 @@
 
 Reads the .pth from any storage URI (a raw state dict or {"state_dict", "meta", ...}), drops EMA copies
 (`ema_*`) and non-parameter buffers, maps the authors' names onto the model of `--config`
-(pipeline/models/convert.py), checks names and shapes strictly and writes a checkpoint directory in the
+(pipeline/checkpoints/convert.py), checks names and shapes strictly and writes a checkpoint directory in the
 training format (model.pt, config.yaml, trainer_state.json, categories.json) that jobs/evaluate.py
 (`--model OUT`), finetuning (`--set init.from=OUT`) and the registry accept. With a K = 0 recipe
 (`--set 'model.co.aux_heads=[]'`) the auxiliary heads of a K = 2 checkpoint are skipped and listed.
@@ -93,8 +93,8 @@ def main() -> None:
         import torch
 
         from pipeline import storage
+        from pipeline.checkpoints import convert
         from pipeline.config import dump_yaml, replace
-        from pipeline.models import convert
         from pipeline.train import checkpoint as ckpt_io
 
         job = load_job_config(args.config, args.overrides)

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.anchors import base_anchors, grid_anchors, valid_flags
-from pipeline.models.assigners import ATSSAssigner
-from pipeline.models.aux.adapter import MultiScaleAdapter
-from pipeline.models.aux.atss import ATSSHead, centerness_target
-from pipeline.models.aux.base import AuxHead, AuxPositives
+from pipeline.models.aux_heads.adapter import MultiScaleAdapter
+from pipeline.models.aux_heads.atss import ATSSHead, centerness_target
+from pipeline.models.aux_heads.base import AuxHead, AuxPositives
 from pipeline.models.box_ops import DeltaXYWHCoder, box_iou
 from pipeline.models.loss_weights import co_loss_weights
+from pipeline.models.task_modules.anchors import base_anchors, grid_anchors, valid_flags
+from pipeline.models.task_modules.atss_assigner import ATSSAssigner
 
 # ----------------------------------------------------------------------------------------------- anchors
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from pipeline.models.aux.base import AuxPositives
-from pipeline.models.aux_queries import AuxQueryProjection, aux_decoder_losses, build_aux_groups
+from pipeline.models.aux_heads.base import AuxPositives
+from pipeline.models.aux_queries.groups import AuxQueryProjection, aux_decoder_losses, build_aux_groups
 from pipeline.models.box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
+from pipeline.models.layers.position_encoding import get_proposal_pos_embed
 from pipeline.models.loss_weights import co_loss_weights
-from pipeline.models.position_encoding import get_proposal_pos_embed
 
 NC = 5
 

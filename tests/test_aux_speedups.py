@@ -7,9 +7,9 @@ import pytest
 import torch
 from torchvision.ops import roi_align as tv_roi_align
 
-from pipeline.models.anchors import cached_grid_anchors, cached_valid_flags, grid_anchors, valid_flags
-from pipeline.models.aux.roi_align import roi_align
-from pipeline.models.aux.roi_head import multi_level_roi_align
+from pipeline.models.aux_heads.roi_head import multi_level_roi_align
+from pipeline.models.layers.roi_align import roi_align
+from pipeline.models.task_modules.anchors import cached_grid_anchors, cached_valid_flags, grid_anchors, valid_flags
 
 SIZES = [(6, 7), (3, 4), (2, 2)]
 STRIDES = [8, 16, 32]

@@ -17,9 +17,9 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pipeline import storage
-from pipeline.models.backbone import build_backbone
-from pipeline.models.frozen_bn import convert_frozen_batchnorm
-from pipeline.models.neck import ChannelMapper, SimpleFeaturePyramid, build_neck
+from pipeline.models.backbones.frozen_bn import convert_frozen_batchnorm
+from pipeline.models.backbones.timm_backbones import build_backbone
+from pipeline.models.necks.channel_mapper import ChannelMapper, SimpleFeaturePyramid, build_neck
 
 GOLDEN = os.environ.get("CODETR_GOLDEN_DIR", "/work/shared/golden/co_dino_r50")
 TINY_SWIN = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))

@@ -76,7 +76,7 @@ def test_train_step_losses_and_gradients(k):
 
 
 def test_eval_top100_without_nms():
-    from pipeline.models.postprocess import detr_topk
+    from pipeline.models.query_head.postprocess import detr_topk
 
     torch.manual_seed(0)
     model = build_model(tiny(2)).eval()
@@ -96,7 +96,7 @@ def test_eval_top100_without_nms():
 
 
 def test_queries_selected_by_first_class_logit_and_encoder_sees_all_tokens():
-    from pipeline.models.co_deformable import select_topk_first_class
+    from pipeline.models.transformer.co_deformable import select_topk_first_class
 
     logits = torch.tensor([[[0.0, 9.0], [3.0, -1.0], [1.0, 0.0], [2.0, 5.0]]])  # max-class order would be 0, 3
     box_logits = torch.randn(1, 4, 4, requires_grad=True)
@@ -115,7 +115,7 @@ def test_queries_selected_by_first_class_logit_and_encoder_sees_all_tokens():
 
 
 def test_aux_query_feature_term_and_head_pos_embed():
-    from pipeline.models.co_deformable import DeformableAuxQueryProjection
+    from pipeline.models.aux_queries.deformable_projection import DeformableAuxQueryProjection
 
     torch.manual_seed(0)
     proj = DeformableAuxQueryProjection(num_heads=2, embed_dims=32)
@@ -138,7 +138,7 @@ def test_aux_query_feature_term_and_head_pos_embed():
 
 
 def test_atss_exports_anchor_features_in_anchor_order():
-    from pipeline.models.aux.atss import ATSSHead
+    from pipeline.models.aux_heads.atss import ATSSHead
 
     torch.manual_seed(0)
     head = ATSSHead(num_classes=3, in_channels=32, feat_channels=32, strides=(8, 16), with_coord_feat=True)
@@ -153,7 +153,7 @@ def test_atss_exports_anchor_features_in_anchor_order():
 
 
 def test_focal_loss_hand_computed():
-    from pipeline.models.dino_head import DINOHead
+    from pipeline.models.query_head.dino_head import DINOHead
 
     head = DINOHead(num_classes=2, embed_dims=8, num_decoder_layers=1, cls_weight=2.0, cls_loss="focal")
     logits = torch.tensor([[[0.0, 2.0]]])  # one query, label 1
@@ -167,7 +167,7 @@ def test_focal_loss_hand_computed():
     assert abs(float(loss_cls) - 2.0 * expected) < 1e-6
     assert float(loss_bbox) == 0 and abs(float(loss_iou)) < 1e-6
 
-    from pipeline.models.aux_queries import AuxGroup, aux_decoder_losses
+    from pipeline.models.aux_queries.groups import AuxGroup, aux_decoder_losses
     from pipeline.models.loss_weights import AuxDecoderWeights
 
     group = AuxGroup(boxes=box, labels=torch.tensor([[1]]), targets=box, label_weights=torch.ones(1, 1),

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.models import deform_attn
-from pipeline.models.deform_attn import (
+from pipeline.models.layers import deform_attn
+from pipeline.models.layers.deform_attn import (
     MultiScaleDeformableAttention,
     multi_scale_deformable_attn,
     multi_scale_deformable_attn_reference,

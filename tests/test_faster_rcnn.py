@@ -10,10 +10,12 @@ import math
 import pytest
 import torch
 
-from pipeline.models.assigners import AssignResult
-from pipeline.models.aux.faster_rcnn import FasterRCNNHead, MaxIoUAssigner, RandomSampler
-from pipeline.models.aux.roi_head import map_roi_levels, multi_level_roi_align
+from pipeline.models.aux_heads.faster_rcnn import FasterRCNNHead
+from pipeline.models.aux_heads.roi_head import map_roi_levels, multi_level_roi_align
 from pipeline.models.config import FasterRCNNConfig
+from pipeline.models.task_modules.atss_assigner import AssignResult
+from pipeline.models.task_modules.max_iou_assigner import MaxIoUAssigner
+from pipeline.models.task_modules.random_sampler import RandomSampler
 
 STRIDES = (4, 8, 16, 32, 64, 128)
 C = 32  # tiny channel count for speed; the authors use 256

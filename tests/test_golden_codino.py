@@ -79,11 +79,11 @@ def _align(ours: torch.Tensor, ref: torch.Tensor, ref_scores: torch.Tensor, our_
 
 @pytest.fixture(scope="module")
 def golden():
+    from pipeline.checkpoints.convert import convert_official_state_dict
     from pipeline.models import build_model
-    from pipeline.models.aux.adapter import MultiScaleAdapter
+    from pipeline.models.aux_heads.adapter import MultiScaleAdapter
     from pipeline.models.box_ops import box_xyxy_to_cxcywh
     from pipeline.models.config import CoConfig, ModelConfig, TestConfig
-    from pipeline.models.convert import convert_official_state_dict
 
     torch.manual_seed(0)
     exp = torch.load(GOLDEN / "expected.pt", weights_only=False)
@@ -110,7 +110,7 @@ def golden():
     for i, (ih, iw) in enumerate(inp["img_shapes"]):
         masks[i, :ih, :iw] = False
 
-    from pipeline.models.two_stage import padding_masks_from_sizes
+    from pipeline.models.layers.padding_mask import padding_masks_from_sizes
 
     r: dict = {"exp": exp, "model": model, "sizes": sizes}
     with torch.no_grad():
@@ -138,7 +138,7 @@ def golden():
         hidden, refs = tr.decode(query, gather(sel.ref_logits).sigmoid(), enc, model.head.reg_branches)
         r["refs"] = refs
         r["logits"], r["boxes"] = model.head.predict(hidden, refs)
-        from pipeline.models.postprocess import detr_postprocess_with_pre_nms
+        from pipeline.models.query_head.postprocess import detr_postprocess_with_pre_nms
 
         r["dets"] = [detr_postprocess_with_pre_nms(r["logits"][-1, b], r["boxes"][-1, b], sizes[b], topk=300,
                                                    nms="soft", iou_threshold=0.8, max_per_img=300)
@@ -259,7 +259,7 @@ def test_rpn_roi_terms_do_not_depend_on_sampling(golden):
 
 def test_deployed_keys_load_into_k0_model(golden):
     """The K = 0 conversion of the same checkpoint is exactly the deployed part of the K = 2 model."""
-    from pipeline.models.convert import convert_official_state_dict
+    from pipeline.checkpoints.convert import convert_official_state_dict
 
     deployed = convert_official_state_dict(golden["official"], aux_heads=())
     assert set(deployed) == set(golden["model"].inference_state_dict())

@@ -44,7 +44,7 @@ def _meta_model(aux_heads: tuple[str, ...], **model_kwargs):
 @needs_golden
 @pytest.mark.parametrize("aux_heads", [("atss", "faster_rcnn"), ("atss",), ()])
 def test_codino_r50_keys_fit_k2_k1_k0(aux_heads):
-    from pipeline.models.convert import convert_checkpoint, fit_to_model
+    from pipeline.checkpoints.convert import convert_checkpoint, fit_to_model
 
     official = _official_meta()
     model = _meta_model(aux_heads)
@@ -105,9 +105,9 @@ def _co_deformable_keys(official: dict[str, torch.Tensor]) -> dict[str, torch.Te
 @needs_golden
 @pytest.mark.parametrize("aux_heads", [("atss", "faster_rcnn"), ("atss",), ()])
 def test_co_deformable_r50_keys_fit_k2_k1_k0(aux_heads):
+    from pipeline.checkpoints.convert import convert_checkpoint, fit_to_model
     from pipeline.config import load_config
     from pipeline.models import build_model
-    from pipeline.models.convert import convert_checkpoint, fit_to_model
 
     heads = "[" + ",".join(aux_heads) + "]"
     cfg = load_config(str(REPO / "configs/model/co_deformable_detr_r50.yaml"),
@@ -166,9 +166,9 @@ def _to_mmdet_swin_names(v1: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 @pytest.mark.parametrize("naming", ["swin-v1", "swin-mmdet"])
 def test_swin_large_names_fit_timm_swin(naming):
     """Every Swin-L backbone key lands on timm's swin_large_patch4_window12_384 / out_norms with its shape."""
-    from pipeline.models.backbone import build_backbone
+    from pipeline.checkpoints.convert import convert_checkpoint, fit_to_model
+    from pipeline.models.backbones.timm_backbones import build_backbone
     from pipeline.models.config import BackboneConfig
-    from pipeline.models.convert import convert_checkpoint, fit_to_model
 
     with torch.device("meta"):
         backbone = build_backbone(BackboneConfig(name="swin_large_patch4_window12_384", frozen_stages=-1))
@@ -189,7 +189,7 @@ def test_mmdet_patch_merging_order_is_undone():
     """mmdet's nn.Unfold patch merging with its weights == timm's PatchMerging with the converted weights."""
     from timm.models.swin_transformer import PatchMerging
 
-    from pipeline.models.convert import convert_checkpoint
+    from pipeline.checkpoints.convert import convert_checkpoint
 
     torch.manual_seed(0)
     c = 8
@@ -208,7 +208,7 @@ def test_mmdet_patch_merging_order_is_undone():
 
 
 def test_dropped_and_unknown_keys_are_reported():
-    from pipeline.models.convert import convert_checkpoint, convert_official_state_dict, split_checkpoint
+    from pipeline.checkpoints.convert import convert_checkpoint, convert_official_state_dict, split_checkpoint
 
     t = torch.zeros(1)
     sd = {"backbone.conv1.weight": t, "ema_backbone_conv1_weight": t, "ema_query_head_cls_branches_0_bias": t,
@@ -228,7 +228,7 @@ def test_dropped_and_unknown_keys_are_reported():
 
 @needs_golden
 def test_shape_mismatch_is_one_line():
-    from pipeline.models.convert import convert_checkpoint, fit_to_model
+    from pipeline.checkpoints.convert import convert_checkpoint, fit_to_model
 
     official = _official_meta()
     model = _meta_model((), num_classes=81)
@@ -241,7 +241,7 @@ def test_shape_mismatch_is_one_line():
 
 def test_pickled_objects_need_trust():
     """A checkpoint with objects of a class that is not installed (like mmengine's message_hub)."""
-    from pipeline.models.convert import load_checkpoint_bytes
+    from pipeline.checkpoints.convert import load_checkpoint_bytes
 
     pkg, mod = types.ModuleType("fake_mmengine"), types.ModuleType("fake_mmengine.logging")
     history = type("HistoryBuffer", (), {"__module__": "fake_mmengine.logging"})

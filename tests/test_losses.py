@@ -20,7 +20,7 @@ from pipeline.models.losses import (
     sigmoid_focal_loss,
     weight_reduce_loss,
 )
-from pipeline.models.matcher import HungarianMatcher
+from pipeline.models.query_head.matcher import HungarianMatcher
 
 GOLDEN = Path("/work/shared/golden/co_dino_r50")
 EPS32 = torch.finfo(torch.float32).eps

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pipeline.models.matcher import HungarianMatcher, focal_loss_cost
+from pipeline.models.query_head.matcher import HungarianMatcher, focal_loss_cost
 
 
 def _case(q: int, n: int, nc: int = 5, seed: int = 0):

@@ -60,7 +60,7 @@ def _batch(b: int = 2, h: int = 64, w: int = 96):
 
 # --------------------------------------------------------------------------------------------------------------
 def test_denoising_groups_with_an_empty_image():
-    from pipeline.models.denoising import CdnQueryGenerator
+    from pipeline.models.query_head.denoising import CdnQueryGenerator
 
     gen = CdnQueryGenerator(num_classes=5, embed_dims=16, num_matching_queries=10, num_dn_queries=7)
     targets = _targets([3, 0, 1], num_classes=5)
@@ -91,7 +91,7 @@ def test_denoising_groups_with_an_empty_image():
 
 
 def test_denoising_without_any_gt():
-    from pipeline.models.denoising import CdnQueryGenerator
+    from pipeline.models.query_head.denoising import CdnQueryGenerator
 
     dn = CdnQueryGenerator(num_classes=5, embed_dims=16, num_matching_queries=10)(_targets([0, 0]))
     assert (dn.pad_size, dn.num_groups) == (0, 1) and dn.query.shape == (2, 0, 16) and not dn.attn_mask.any()
@@ -99,9 +99,9 @@ def test_denoising_without_any_gt():
 
 def test_look_forward_twice_gradient_paths():
     """Layer-l boxes reach layer l-1's refinement branch (not detached), but not layer l-2's."""
-    from pipeline.models.decoder import DinoDecoder, DinoDecoderLayer
-    from pipeline.models.dino_head import DINOHead
-    from pipeline.models.two_stage import valid_ratio
+    from pipeline.models.layers.padding_mask import valid_ratio
+    from pipeline.models.query_head.dino_head import DINOHead
+    from pipeline.models.transformer.decoder import DinoDecoder, DinoDecoderLayer
 
     torch.manual_seed(0)
     c, levels = 32, 2
@@ -131,7 +131,7 @@ def test_look_forward_twice_gradient_paths():
 
 
 def test_encoder_proposals_validity():
-    from pipeline.models.two_stage import encoder_proposals
+    from pipeline.models.transformer.query_selection import encoder_proposals
 
     shapes = torch.tensor([[4, 6], [2, 3]])
     mask4 = torch.zeros(2, 4, 6, dtype=torch.bool)
@@ -242,8 +242,8 @@ def test_official_keys_map_onto_our_modules():
         pytest.skip("golden keys.tsv not available")
     import ast
 
+    from pipeline.checkpoints.convert import convert_official_state_dict
     from pipeline.models import build_model
-    from pipeline.models.convert import convert_official_state_dict
 
     rows = [line.rstrip("\n").split("\t") for line in golden.read_text().splitlines()]
     official = {n: torch.empty(ast.literal_eval(s), device="meta") for n, s, _ in rows}

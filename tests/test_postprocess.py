@@ -10,8 +10,8 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-import pipeline.models.postprocess as pp
-from pipeline.models.postprocess import (
+import pipeline.models.query_head.postprocess as pp
+from pipeline.models.query_head.postprocess import (
     apply_nms,
     batched_soft_nms,
     detr_postprocess,

@@ -25,15 +25,16 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.models.config import ModelConfig, TestConfig
-from pipeline.models.denoising import CdnQueryGenerator, DenoisingQueries
-from pipeline.models.dino_head import DINOHead
+from pipeline.models.layers.padding_mask import padding_masks_from_sizes
 from pipeline.models.loss_weights import AuxDecoderWeights, co_loss_weights
-from pipeline.models.transformer import CoDinoTransformer, EncoderOutput
-from pipeline.models.two_stage import QuerySelection, padding_masks_from_sizes
+from pipeline.models.query_head.denoising import CdnQueryGenerator, DenoisingQueries
+from pipeline.models.query_head.dino_head import DINOHead
+from pipeline.models.transformer.co_dino import CoDinoTransformer, EncoderOutput
+from pipeline.models.transformer.query_selection import QuerySelection
 
 if TYPE_CHECKING:
-    from pipeline.models.aux_queries import AuxQueryProjection
-    from pipeline.models.co_deformable import DeformableAuxQueryProjection
+    from pipeline.models.aux_queries.deformable_projection import DeformableAuxQueryProjection
+    from pipeline.models.aux_queries.groups import AuxQueryProjection
 
 AUX_PREFIXES = ("aux_heads.", "adapter.", "aux_query_proj.")  # training-only parts, dropped at export
 
@@ -185,7 +186,7 @@ class CoDETR(nn.Module):
         self, enc: EncoderOutput, targets: list[dict[str, Tensor]], img_sizes: Tensor
     ) -> dict[str, Tensor]:
         """Aux heads on the adapter maps, then one decoder pass per head's customized positive queries."""
-        from pipeline.models.aux_queries import aux_decoder_losses, build_aux_groups
+        from pipeline.models.aux_queries.groups import aux_decoder_losses, build_aux_groups
 
         assert self.adapter is not None and self.aux_query_proj is not None
         maps = self.adapter(enc.memory, enc.spatial_shapes)  # L + 1 maps (B, C, h, w)
@@ -252,7 +253,7 @@ def detections(
     scores, clamped pixel xyxy, divided by the per-image scale (sy, sx) when given, class-aware NMS, at most
     max_per_img. logits: (B, Q, nc); boxes: (B, Q, 4) sigmoid cxcywh; img_sizes: (B, 2) (h, w) the boxes are
     normalised by."""
-    from pipeline.models.postprocess import detr_postprocess
+    from pipeline.models.query_head.postprocess import detr_postprocess
 
     scales = scales or [None] * len(logits)
     out = []
@@ -268,12 +269,12 @@ def detections(
 
 def build_model(cfg: ModelConfig) -> CoDETR:
     """The one place that maps a ModelConfig to modules."""
-    from pipeline.models.backbone import build_backbone
-    from pipeline.models.decoder import DinoDecoder, DinoDecoderLayer
-    from pipeline.models.encoder import DeformableEncoder, DeformableEncoderLayer
-    from pipeline.models.matcher import HungarianMatcher
-    from pipeline.models.neck import build_neck
-    from pipeline.models.position_encoding import SinePositionalEncoding
+    from pipeline.models.backbones.timm_backbones import build_backbone
+    from pipeline.models.layers.position_encoding import SinePositionalEncoding
+    from pipeline.models.necks.channel_mapper import build_neck
+    from pipeline.models.query_head.matcher import HungarianMatcher
+    from pipeline.models.transformer.decoder import DinoDecoder, DinoDecoderLayer
+    from pipeline.models.transformer.encoder import DeformableEncoder, DeformableEncoderLayer
 
     t = cfg.transformer
     deformable = cfg.arch == "co_deformable_detr"
@@ -291,7 +292,7 @@ def build_model(cfg: ModelConfig) -> CoDETR:
     transformer_args = (encoder, decoder, t.embed_dims, t.num_levels, t.num_queries, pe, t.proposal_base_wh,
                         (t.proposal_valid_min, t.proposal_valid_max))  # fmt: skip
     if deformable:
-        from pipeline.models.co_deformable import CoDeformableTransformer
+        from pipeline.models.transformer.co_deformable import CoDeformableTransformer
 
         transformer: CoDinoTransformer = CoDeformableTransformer(*transformer_args)
     else:
@@ -329,8 +330,8 @@ def _build_aux(
     """Aux heads in the authors' group order (RoI heads first, then dense heads), adapter and projections."""
     if not cfg.co.aux_heads:
         return [], None, None
-    from pipeline.models.aux.adapter import MultiScaleAdapter
-    from pipeline.models.aux_queries import AuxQueryProjection
+    from pipeline.models.aux_heads.adapter import MultiScaleAdapter
+    from pipeline.models.aux_queries.groups import AuxQueryProjection
     from pipeline.models.loss_weights import co_loss_weights
 
     weights = co_loss_weights(cfg.co.lambda1, cfg.co.lambda2, cfg.co.num_dec_layers_factor)
@@ -339,7 +340,7 @@ def _build_aux(
     heads: list[nn.Module] = []
     for k, name in enumerate(order):
         if name == "atss":
-            from pipeline.models.aux.atss import ATSSHead
+            from pipeline.models.aux_heads.atss import ATSSHead
 
             a = cfg.co.atss
             heads.append(ATSSHead(
@@ -348,13 +349,13 @@ def _build_aux(
                 focal_alpha=a.focal_alpha, focal_gamma=a.focal_gamma, with_coord_feat=deformable,
             ))  # fmt: skip
         else:
-            from pipeline.models.aux.faster_rcnn import FasterRCNNHead
+            from pipeline.models.aux_heads.faster_rcnn import FasterRCNNHead
 
             heads.append(FasterRCNNHead(cfg.num_classes, cfg.co.faster_rcnn, weights.rpn, weights.roi,
                                         cfg.transformer.embed_dims, loss_index=k))  # fmt: skip
     adapter = MultiScaleAdapter(cfg.transformer.embed_dims)  # L memory maps + 1 extra (Co-DINO 6, Co-Deform 5)
     if deformable:
-        from pipeline.models.co_deformable import DeformableAuxQueryProjection
+        from pipeline.models.aux_queries.deformable_projection import DeformableAuxQueryProjection
 
         return heads, adapter, DeformableAuxQueryProjection(len(heads), cfg.transformer.embed_dims)
     return heads, adapter, AuxQueryProjection(len(heads), cfg.transformer.embed_dims)

@@ -15,7 +15,7 @@ ARCHS = ("co_dino", "co_deformable_detr")  # values of ModelConfig.arch
 class BackboneConfig:
     """Image backbone [1.1 Backbone]."""
 
-    name: str = "resnet50"  # timm model name (or an alias known to pipeline/models/backbone.py)
+    name: str = "resnet50"  # timm model name (or an alias known to pipeline/models/backbones/timm_backbones.py)
     out_indices: tuple[int, ...] = (0, 1, 2, 3)  # stages returned: C2..C5 (strides 4..32)
     frozen_stages: int = 1  # stem + this many stages get no gradient (-1/0: nothing frozen)
     norm: str = "frozen_bn"  # "frozen_bn" (pretrained recipe) | "bn" (trainable, from-scratch recipe)

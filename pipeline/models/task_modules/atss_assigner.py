@@ -15,29 +15,14 @@ Ignore boxes (`ignore_iof_thr`) are not supported: the Co-DETR configs never set
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from pipeline.models.box_ops import box_iou
+from pipeline.models.task_modules.assign_result import AssignResult
 
 _INF = 100000000.0
-
-
-@dataclass
-class AssignResult:
-    """gt_inds: (N,) long, 0 = negative, i + 1 = assigned to GT i. max_overlaps: (N,) IoU with the assigned GT
-    (-INF for negatives when GTs exist, 0 without GTs). labels: (N,) long, class of the assigned GT, -1 otherwise."""
-
-    num_gts: int
-    gt_inds: Tensor
-    max_overlaps: Tensor
-    labels: Tensor
-
-    @property
-    def pos_mask(self) -> Tensor:
-        return self.gt_inds > 0
 
 
 class ATSSAssigner:

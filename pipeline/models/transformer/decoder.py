@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.models.box_ops import inverse_sigmoid
-from pipeline.models.deform_attn import MultiScaleDeformableAttention
-from pipeline.models.encoder import FFN
-from pipeline.models.position_encoding import coordinate_to_encoding
+from pipeline.models.layers.deform_attn import MultiScaleDeformableAttention
+from pipeline.models.layers.position_encoding import coordinate_to_encoding
+from pipeline.models.transformer.encoder import FFN
 
 
 class DinoDecoderLayer(nn.Module):

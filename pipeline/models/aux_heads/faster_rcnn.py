@@ -25,129 +25,18 @@ Parameter names map onto the authors' checkpoint keys as
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from pipeline.models.assigners import AssignResult
-from pipeline.models.aux.base import AuxHead, AuxPositives
-from pipeline.models.aux.roi_head import RoIHead
-from pipeline.models.aux.rpn import RPNHead
-from pipeline.models.box_ops import box_cxcywh_to_xyxy, box_iou
+from pipeline.models.aux_heads.base import AuxHead, AuxPositives
+from pipeline.models.aux_heads.roi_head import RoIHead
+from pipeline.models.aux_heads.rpn import RPNHead
+from pipeline.models.box_ops import box_cxcywh_to_xyxy
 from pipeline.models.config import FasterRCNNConfig
 from pipeline.models.loss_weights import RoiWeights, RpnWeights, co_loss_weights
-
-
-class MaxIoUAssigner:
-    """mmdet `MaxIoUAssigner` (gt_max_assign_all=True, no ignore boxes).
-
-    assign(priors (N, 4) xyxy, gt_boxes (G, 4) xyxy, gt_labels (G,)) -> AssignResult with gt_inds (N,):
-      -1 = ignored (IoU in [neg_iou, pos_iou)), 0 = negative, i + 1 = GT i. Steps, as mmdet:
-      1. every prior starts ignored; priors whose best IoU is in [0, neg_iou) become negatives;
-      2. priors whose best IoU >= pos_iou go to their best GT (the first one on exact ties);
-      3. match_low_quality: for each GT whose best IoU >= min_pos_iou, every prior with exactly that IoU goes to the
-         GT (overwriting step 2; GTs are visited in order, so the last GT wins a shared prior).
-    Without GTs every prior is negative.
-    """
-
-    def __init__(
-        self, pos_iou: float, neg_iou: float, min_pos_iou: float = 0.0, match_low_quality: bool = True
-    ) -> None:
-        if not 0.0 <= neg_iou <= pos_iou <= 1.0:
-            raise ValueError(f"MaxIoUAssigner needs 0 <= neg_iou ({neg_iou}) <= pos_iou ({pos_iou}) <= 1")
-        self.pos_iou = pos_iou
-        self.neg_iou = neg_iou
-        self.min_pos_iou = min_pos_iou
-        self.match_low_quality = match_low_quality
-
-    @torch.no_grad()
-    def assign(self, priors: Tensor, gt_boxes: Tensor, gt_labels: Tensor) -> AssignResult:
-        num_gts, num_priors = gt_boxes.shape[0], priors.shape[0]
-        gt_inds = priors.new_full((num_priors,), -1, dtype=torch.long)
-        labels = priors.new_full((num_priors,), -1, dtype=torch.long)
-        if num_gts == 0 or num_priors == 0:
-            if num_gts == 0:
-                gt_inds.fill_(0)
-            return AssignResult(num_gts, gt_inds, priors.new_zeros((num_priors,)), labels)
-
-        overlaps = box_iou(gt_boxes.float(), priors.float())  # (G, N), same floats as mmdet bbox_overlaps
-        max_overlaps, argmax = overlaps.max(dim=0)  # per prior
-        gt_max = overlaps.max(dim=1).values  # per GT
-        gt_inds[(max_overlaps >= 0) & (max_overlaps < self.neg_iou)] = 0
-        pos = max_overlaps >= self.pos_iou
-        gt_inds[pos] = argmax[pos] + 1
-        if self.match_low_quality:
-            is_best = (overlaps == gt_max[:, None]) & (gt_max[:, None] >= self.min_pos_iou)  # (G, N)
-            last_gt = num_gts - 1 - is_best.flip(0).to(torch.uint8).argmax(dim=0)  # last GT with is_best per prior
-            gt_inds = torch.where(is_best.any(dim=0), last_gt + 1, gt_inds)
-        pos = gt_inds > 0
-        labels[pos] = gt_labels[gt_inds[pos] - 1].long()
-        return AssignResult(num_gts, gt_inds, max_overlaps, labels)
-
-
-@dataclass
-class SampledPriors:
-    """What a RandomSampler picked for one image (mmdet `SamplingResult`).
-
-    priors: (N', 4) xyxy the indices refer to (GT boxes first when they were added as proposals).
-    pos_inds, neg_inds: (P,), (Q,) long, ascending. pos_gt_boxes: (P, 4) assigned GT xyxy. pos_labels: (P,) long.
-    """
-
-    priors: Tensor
-    pos_inds: Tensor
-    neg_inds: Tensor
-    pos_gt_boxes: Tensor
-    pos_labels: Tensor
-
-    @property
-    def avg_factor(self) -> int:
-        """mmdet's normaliser for sampled losses: max(#pos, 1) + max(#neg, 1)."""
-        return max(self.pos_inds.numel(), 1) + max(self.neg_inds.numel(), 1)
-
-    @property
-    def pos_priors(self) -> Tensor:
-        return self.priors[self.pos_inds]
-
-    @property
-    def neg_priors(self) -> Tensor:
-        return self.priors[self.neg_inds]
-
-
-class RandomSampler:
-    """mmdet `RandomSampler` (neg_pos_ub=-1): up to int(num * pos_fraction) random positives, then num - #pos random
-    negatives (gt_inds == 0; ignored priors are never sampled). With add_gt_as_proposals the GT boxes are prepended
-    to the priors and assigned to themselves first (mmdet `AssignResult.add_gt_`). Indices come back sorted.
-    """
-
-    def __init__(self, num: int, pos_fraction: float, add_gt_as_proposals: bool = False) -> None:
-        if num < 1 or not 0.0 <= pos_fraction <= 1.0:
-            raise ValueError(f"RandomSampler needs num >= 1 and pos_fraction in [0, 1], got {num}, {pos_fraction}")
-        self.num = num
-        self.pos_fraction = pos_fraction
-        self.add_gt_as_proposals = add_gt_as_proposals
-
-    @staticmethod
-    def _choice(candidates: Tensor, num: int) -> Tensor:
-        """Sorted random subset of at most `num` entries of `candidates` (all of them if there are fewer)."""
-        if candidates.numel() > num:
-            candidates = candidates[torch.randperm(candidates.numel(), device=candidates.device)[:num]]
-        return candidates.unique()  # sorted, as mmdet's `.unique()`
-
-    @torch.no_grad()
-    def sample(self, assign: AssignResult, priors: Tensor, gt_boxes: Tensor, gt_labels: Tensor) -> SampledPriors:
-        """assign: result for `priors` (N, 4); gt_boxes (G, 4) xyxy; gt_labels (G,) long."""
-        gt_inds = assign.gt_inds
-        labels = assign.labels
-        if self.add_gt_as_proposals and gt_boxes.shape[0] > 0:
-            priors = torch.cat([gt_boxes.to(priors.dtype), priors])
-            gt_inds = torch.cat([torch.arange(1, gt_boxes.shape[0] + 1, device=gt_inds.device), gt_inds])
-            labels = torch.cat([gt_labels.long(), labels])
-        pos_inds = self._choice((gt_inds > 0).nonzero().squeeze(1), int(self.num * self.pos_fraction))
-        neg_inds = self._choice((gt_inds == 0).nonzero().squeeze(1), self.num - pos_inds.numel())
-        pos_gt = gt_inds[pos_inds] - 1
-        pos_gt_boxes = gt_boxes[pos_gt] if gt_boxes.shape[0] > 0 else gt_boxes.new_zeros((0, 4))
-        return SampledPriors(priors, pos_inds, neg_inds, pos_gt_boxes.to(priors.dtype), labels[pos_inds])
+from pipeline.models.task_modules.max_iou_assigner import MaxIoUAssigner
+from pipeline.models.task_modules.random_sampler import RandomSampler
 
 
 class FasterRCNNHead(AuxHead):

@@ -33,7 +33,7 @@ from pipeline.models.losses import (
     sigmoid_focal_loss,
     weight_reduce_loss,
 )
-from pipeline.models.matcher import HungarianMatcher
+from pipeline.models.query_head.matcher import HungarianMatcher
 
 LossTriple = tuple[Tensor, Tensor, Tensor]
 

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.decoder import DinoDecoder
-from pipeline.models.deform_attn import MultiScaleDeformableAttention
-from pipeline.models.encoder import DeformableEncoder
-from pipeline.models.position_encoding import SinePositionalEncoding
-from pipeline.models.two_stage import QuerySelection, encoder_proposals, select_topk, valid_ratio
+from pipeline.models.layers.deform_attn import MultiScaleDeformableAttention
+from pipeline.models.layers.padding_mask import valid_ratio
+from pipeline.models.layers.position_encoding import SinePositionalEncoding
+from pipeline.models.transformer.decoder import DinoDecoder
+from pipeline.models.transformer.encoder import DeformableEncoder
+from pipeline.models.transformer.query_selection import QuerySelection, encoder_proposals, select_topk
 
 
 @dataclass

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pipeline.models.aux.base import AuxPositives
+from pipeline.models.aux_heads.base import AuxPositives
 from pipeline.models.box_ops import aligned_iou, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from pipeline.models.layers.position_encoding import get_proposal_pos_embed
 from pipeline.models.loss_weights import AuxDecoderWeights, co_loss_weights
 from pipeline.models.losses import (
     giou_loss,
@@ -29,7 +30,6 @@ from pipeline.models.losses import (
     sigmoid_focal_loss,
     weight_reduce_loss,
 )
-from pipeline.models.position_encoding import get_proposal_pos_embed
 
 
 @dataclass

@@ -30,13 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from pipeline.models.anchors import anchor_scales, cached_grid_anchors, cached_valid_flags
 from pipeline.models.box_ops import DeltaXYWHCoder
 from pipeline.models.loss_weights import RpnWeights
 from pipeline.models.losses import weight_reduce_loss
+from pipeline.models.task_modules.anchors import anchor_scales, cached_grid_anchors, cached_valid_flags
 
 if TYPE_CHECKING:
-    from pipeline.models.aux.faster_rcnn import MaxIoUAssigner, RandomSampler
+    from pipeline.models.task_modules.max_iou_assigner import MaxIoUAssigner
+    from pipeline.models.task_modules.random_sampler import RandomSampler
 
 
 class RPNHead(nn.Module):

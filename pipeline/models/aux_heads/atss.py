@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.anchors import cached_grid_anchors, cached_valid_flags
-from pipeline.models.assigners import ATSSAssigner
-from pipeline.models.aux.base import AuxHead, AuxPositives
+from pipeline.models.aux_heads.base import AuxHead, AuxPositives
 from pipeline.models.box_ops import DeltaXYWHCoder, box_cxcywh_to_xyxy
 from pipeline.models.loss_weights import AtssWeights, co_loss_weights
 from pipeline.models.losses import giou_loss, reduce_mean, sigmoid_focal_loss, weight_reduce_loss
+from pipeline.models.task_modules.anchors import cached_grid_anchors, cached_valid_flags
+from pipeline.models.task_modules.atss_assigner import ATSSAssigner
 
 
 class Scale(nn.Module):

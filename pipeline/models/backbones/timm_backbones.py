@@ -42,11 +42,11 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from .frozen_bn import convert_frozen_batchnorm, freeze_module
-from .neck import SimpleFeaturePyramid
+from pipeline.models.backbones.frozen_bn import convert_frozen_batchnorm, freeze_module
+from pipeline.models.necks.channel_mapper import SimpleFeaturePyramid
 
 if TYPE_CHECKING:
-    from .config import BackboneConfig
+    from pipeline.models.config import BackboneConfig
 
 __all__ = ["Backbone", "CNNBackbone", "SwinBackbone", "ViTBackbone", "build_backbone", "load_backbone_weights"]
 

@@ -33,13 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.aux.roi_align import roi_align
 from pipeline.models.box_ops import DeltaXYWHCoder
+from pipeline.models.layers.roi_align import roi_align
 from pipeline.models.loss_weights import RoiWeights
 from pipeline.models.losses import giou_loss, weight_reduce_loss
 
 if TYPE_CHECKING:
-    from pipeline.models.aux.faster_rcnn import MaxIoUAssigner, RandomSampler
+    from pipeline.models.task_modules.max_iou_assigner import MaxIoUAssigner
+    from pipeline.models.task_modules.random_sampler import RandomSampler
 
 
 def map_roi_levels(rois: Tensor, num_levels: int, finest_scale: float = 56.0) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.models.deform_attn import MultiScaleDeformableAttention
+from pipeline.models.layers.deform_attn import MultiScaleDeformableAttention
 
 
 class FFN(nn.Module):
