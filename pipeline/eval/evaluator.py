@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from pipeline import dist as pcoll
 from pipeline.eval.coco_eval import coco_gt_from_rows, detections_to_coco, evaluate_boxes
 
 
@@ -70,12 +70,10 @@ def evaluate_distributed(model: nn.Module, val_shard: Any, job: Any, categories:
     batches = iter_batches(val_shard, job.eval.batch_size, device, size_divisor=job.data.size_divisor)
     per_worker = job.eval.max_images // world if job.eval.max_images else 0
     local = predict(model, batches, per_worker)
-    if world > 1:
-        parts: list[Any] = [None] * world
-        dist.all_gather_object(parts, local)
-        local = [p for part in parts for p in part]
-    if rank != 0:
+    parts = pcoll.gather_objects(local, dst=0) if world > 1 else [local]  # to rank 0 only
+    if rank != 0 or parts is None:
         return {}
+    local = [p for part in parts for p in part]
     gt = gt_from_shards(shards_uri, job.data.val_split)
     metrics = score(local, gt, job.eval.protocol, job.eval.max_dets)
     return {f"val/{k}": v for k, v in metrics.items()}

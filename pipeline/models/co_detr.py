@@ -228,13 +228,7 @@ class CoDETR(nn.Module):
         if not self.with_padding_mask:  # LSJ: boxes are normalised by the padded canvas
             run_sizes = torch.tensor([list(images.shape[-2:])] * images.shape[0], device=images.device)
         out = self.run(images, run_sizes)
-        scales = None
-        if targets is not None:  # to the original image: divide by (network input / original), the scale factor
-            scales = [
-                (h / float(t["orig_size"][0]), w / float(t["orig_size"][1])) if "orig_size" in t else None
-                for t, (h, w) in zip(targets, img_sizes.tolist())
-            ]
-        return detections(out.logits[-1], out.boxes[-1], run_sizes, self.test_cfg, scales)
+        return detections(out.logits[-1], out.boxes[-1], run_sizes, self.test_cfg, source_scales(targets, img_sizes))
 
     def inference_state_dict(self) -> dict[str, Tensor]:
         """State dict of the deployed (K = 0) model: the auxiliary heads, adapter and aux projections dropped."""
@@ -242,6 +236,30 @@ class CoDETR(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
+def source_scales(
+    targets: list[dict[str, Tensor]] | None, img_sizes: Tensor
+) -> list[tuple[float, float] | None] | None:
+    """Per image (sy, sx): network-input pixels per source pixel of the image *content*, or None (no rescale).
+
+    From the target's `scale_factor` (sx, sy) = content size / source size (`pipeline.data.transforms.to_target`);
+    under LSJ the content is the resized image before the canvas pad, so the canvas (`size`) must not be used.
+    Targets without `scale_factor` fall back to img_sizes (B, 2) (h, w) / `orig_size` (exact for every policy without
+    a canvas, the pre-LSJ behaviour)."""
+    if targets is None:
+        return None
+    out: list[tuple[float, float] | None] = []
+    for t, (h, w) in zip(targets, img_sizes.tolist()):
+        if "scale_factor" in t:
+            sx, sy = (float(v) for v in torch.as_tensor(t["scale_factor"]).tolist())
+            out.append((sy, sx))
+        elif "orig_size" in t:
+            oh, ow = (float(v) for v in torch.as_tensor(t["orig_size"]).tolist())
+            out.append((h / oh, w / ow))
+        else:
+            out.append(None)
+    return out
+
+
 def detections(
     logits: Tensor,
     boxes: Tensor,

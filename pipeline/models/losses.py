@@ -9,11 +9,11 @@ Every reduced loss follows mmdet's `weight_reduce_loss`: multiply by the element
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss as tv_sigmoid_focal_loss
 
+from pipeline.dist import reduce_mean  # the one owner of collectives; re-exported
 from pipeline.models.box_ops import aligned_iou
 
 __all__ = [
@@ -26,18 +26,6 @@ __all__ = [
 ]
 
 _EPS32 = torch.finfo(torch.float32).eps
-
-
-def reduce_mean(t: Tensor) -> Tensor:
-    """Mean of `t` over torch.distributed ranks (all-reduce SUM of t / world); `t` itself if not initialised.
-
-    Same as mmdet's `reduce_mean`. Used for the loss normalisers (numbers of positives).
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return t
-    t = t.clone()
-    dist.all_reduce(t.div_(dist.get_world_size()), op=dist.ReduceOp.SUM)
-    return t
 
 
 def weight_reduce_loss(

@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import JobConfig, dump_yaml, flatten, to_dict
+from pipeline.dist import torch_backend
 
 
 class StageError(RuntimeError):
@@ -168,7 +169,7 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
     validate_inputs(job)  # before the heavy imports below: bad input fails within seconds
 
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.data.loader import build_dataset
     from pipeline.tracking import mlflow_tracking as mt
@@ -221,6 +222,7 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
         scaling_config=ray.train.ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
                                                resources_per_worker={"CPU": job.scaling.cpus_per_worker}),
         run_config=run_config, datasets=datasets,
+        torch_config=TorchConfig(backend=torch_backend(job.scaling.use_gpu)),  # gloo, or cpu:gloo,cuda:nccl
     )
     result = trainer.fit()
     if result.error:

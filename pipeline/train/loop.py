@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from pipeline import dist as pcoll
 from pipeline.train import checkpoint as ckpt_io
 from pipeline.train.ema import build_ema
 from pipeline.train.optim import build_optimizer, lr_factor, set_lr
@@ -46,21 +46,11 @@ def seed_everything(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
-def _all_have(flag: bool, world: int) -> bool:
-    if world == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
 def _gather_all(ids: list[int], world: int) -> list[int]:
     """Every worker's `ids`, concatenated in rank order (duplicates kept)."""
     if world == 1:
         return list(ids)
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, list(ids))
-    return [i for part in out for i in part]
+    return [i for part in pcoll.all_gather_objects(list(ids)) for i in part]
 
 
 def _gather_ids(ids: list[int], world: int) -> list[int]:
@@ -221,7 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 batch = next(batches, None)
             if batch is not None:
                 batch = _drop_seen(batch, seen)
-            if not _all_have(batch is not None, world):
+            if not pcoll.all_agree(batch is not None):  # every rank still has a batch (DDP lockstep)
                 break
             t0 = time.perf_counter()
             stats.data_wait_s += t0 - t_wait
