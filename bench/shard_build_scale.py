@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         rate = b["images"] / b["wall_s"]
         print(f"extrapolated to the full set ({O365_TRAIN_IMAGES} images): driver peak RSS ~{full / 1024:.2f} GB "
               f"({slope * 1024:.2f} KB per image), ~{O365_TRAIN_IMAGES / rate / 3600:.1f} h at {rate:.0f} img/s")
-    print(f"load average: {open('/proc/loadavg').read().strip()}")
+    with open("/proc/loadavg") as f:
+        print(f"load average: {f.read().strip()}")
     return 0
 
 

@@ -9,10 +9,12 @@
     ray job submit --working-dir . -- python jobs/build_shards.py \
         --annotations s3://raw/lvis/lvis_v1_val.json --images s3://raw/coco --out s3://shards/lvis --split val
 
-Runs on the Ray cluster it is submitted to (or a local Ray instance), one Ray Data task per shard, with Ray
-Data's progress bar. Prints every skipped or repaired record count (also stored in the manifest). Re-running
-onto the same --out replaces the split; it never duplicates rows. --split defaults to the <split> in
-"instances_<split>.json" (else "train").
+Runs on the Ray cluster it is submitted to (or a local Ray instance), one Ray task per shard; the annotation
+file is streamed (never whole in memory) and the driver keeps only the sorted image ids. Shows progress
+(images, images/s, ETA), then every skipped or repaired record count (also stored in the manifest) and a
+summary (images/s, bytes written). Re-running onto the same --out resumes (default): shards an interrupted or
+earlier run finished are verified (row count, sha256) and kept; it never duplicates rows. --rebuild starts
+the split from scratch. --split defaults to the <split> in "instances_<split>.json" (else "train").
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows-per-shard", type=int, default=1000, help="images per Parquet file (default 1000)")
     p.add_argument("--name", default=None, help="dataset name in the manifest (default: the JSON's description)")
     p.add_argument("--serial", action="store_true", help="convert in this process, without Ray (debugging)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", dest="resume", action="store_true", default=True,
+                      help="keep shards an earlier run of the same build finished (default)")
+    mode.add_argument("--rebuild", dest="resume", action="store_false",
+                      help="delete the split's shards and build records first, then build from scratch")
     return p.parse_args(argv)
 
 
@@ -47,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         split = m.group(1) if m else "train"
     try:
         manifest = build_shards(args.annotations, args.images, args.out, split=split,
-                                rows_per_shard=args.rows_per_shard, name=args.name, parallel=not args.serial)
+                                rows_per_shard=args.rows_per_shard, name=args.name, parallel=not args.serial,
+                                resume=args.resume)
     except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
         print(f"build_shards: error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,6 @@
-"""Reading a COCO-format annotation file (COCO 2017, Objects365 v2, LVIS v1) into per-image records.
+"""What differs between COCO-format sources (COCO 2017, Objects365 v2, LVIS v1), and per-image box cleaning.
+
+The file itself is read by `stream_source.scan_source` (streaming, never whole in memory).
 
 The three sources differ only at the edges handled here:
 - COCO:        `file_name` "000000391895.jpg" relative to the split's image folder; `iscrowd` per box;
@@ -15,16 +17,11 @@ Category ids are mapped to contiguous labels in ascending id order (label i = i-
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import posixpath
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
-
-from pipeline import storage
 
 # Every skipped or repaired record has one of these keys; all are reported, zeros included.
 ISSUE_KEYS = (
@@ -58,96 +55,14 @@ class Category:
         return d
 
 
-@dataclass(frozen=True)
-class CocoSource:
-    """One parsed annotation file. `records` are sorted by image id, each a JSON-able dict:
-    image_id, file_name (path relative to the image root, as the source names it), width, height (from the JSON,
-    0 if absent), anns [{bbox, category_id, iscrowd}], and for LVIS neg_category_ids /
-    not_exhaustive_category_ids (source ids)."""
-
-    name: str
-    source_format: str  # "coco" | "objects365" | "lvis"
-    sha256: str
-    categories: tuple[Category, ...]
-    records: list[dict[str, Any]]
-    counts: Counter
-
-    @property
-    def is_lvis(self) -> bool:
-        return self.source_format == "lvis"
-
-    def label_of(self) -> dict[int, int]:
-        return {c.id: c.label for c in self.categories}
-
-
-def _file_name(image: dict[str, Any]) -> str | None:
+def file_name_of(image: dict[str, Any]) -> str | None:
+    """The image path relative to the image root: `file_name`, else `coco_url`'s last two parts (LVIS)."""
     if image.get("file_name"):
         return str(image["file_name"]).lstrip("/")
     if image.get("coco_url"):
         parts = [p for p in urlparse(str(image["coco_url"])).path.split("/") if p]
         return "/".join(parts[-2:]) if parts else None
     return None
-
-
-def load_coco_source(annotations_uri: str) -> CocoSource:
-    """Parse `annotations_uri` (any storage URI). Raises FileNotFoundError / ValueError with one-line messages
-    for a missing file or a file that is not COCO-format; record-level problems are counted, not raised."""
-    raw = storage.read_bytes(annotations_uri)
-    try:
-        doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"annotations {annotations_uri!r} are not valid JSON: {e}") from e
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(doc, dict)
-               or not isinstance(doc.get(k), list)]
-    if missing:
-        raise ValueError(f"annotations {annotations_uri!r} are not COCO-format: missing list(s) {missing}")
-
-    cat_ids = [c.get("id") for c in doc["categories"] if isinstance(c, dict)]
-    if len(cat_ids) != len(doc["categories"]) or not all(isinstance(i, int) for i in cat_ids):
-        raise ValueError(f"annotations {annotations_uri!r}: every category needs an integer 'id'")
-    if len(set(cat_ids)) != len(cat_ids):
-        dup = sorted(i for i, n in Counter(cat_ids).items() if n > 1)
-        raise ValueError(f"annotations {annotations_uri!r}: duplicate category ids {dup[:10]}")
-    if not cat_ids:
-        raise ValueError(f"annotations {annotations_uri!r}: 'categories' is empty")
-    cats = sorted(doc["categories"], key=lambda c: c["id"])
-    categories = tuple(Category(label=i, id=int(c["id"]), name=str(c.get("name", c["id"])),
-                                frequency=c.get("frequency")) for i, c in enumerate(cats))
-
-    images = doc["images"]
-    is_lvis = any(c.frequency for c in categories) or any(
-        isinstance(im, dict) and "file_name" not in im and "coco_url" in im for im in images[:100])
-    names = [im.get("file_name", "") for im in images[:100] if isinstance(im, dict)]
-    is_o365 = any("/patch" in str(n) or str(n).startswith("patch") for n in names)
-    source_format = "lvis" if is_lvis else "objects365" if is_o365 else "coco"
-
-    counts: Counter = Counter({k: 0 for k in ISSUE_KEYS})
-    by_id: dict[int, dict[str, Any]] = {}
-    for im in images:
-        fname = _file_name(im) if isinstance(im, dict) else None
-        if not isinstance(im, dict) or not isinstance(im.get("id"), int) or not fname:
-            counts["malformed_image"] += 1
-            continue
-        if im["id"] in by_id:
-            counts["duplicate_image"] += 1
-            continue
-        rec: dict[str, Any] = {"image_id": im["id"], "file_name": fname, "width": int(im.get("width") or 0),
-                               "height": int(im.get("height") or 0), "anns": []}
-        if is_lvis:
-            rec["neg_category_ids"] = list(im.get("neg_category_ids") or [])
-            rec["not_exhaustive_category_ids"] = list(im.get("not_exhaustive_category_ids") or [])
-        by_id[im["id"]] = rec
-    for a in doc["annotations"]:
-        rec = by_id.get(a.get("image_id")) if isinstance(a, dict) else None
-        if rec is None:
-            counts["orphan_annotation"] += 1
-            continue
-        rec["anns"].append({"bbox": a.get("bbox"), "category_id": a.get("category_id"),
-                            "iscrowd": int(a.get("iscrowd") or 0)})
-    info = doc.get("info") if isinstance(doc.get("info"), dict) else {}
-    name = str(info.get("description") or posixpath.basename(annotations_uri.rstrip("/")).rsplit(".", 1)[0])
-    return CocoSource(name=name, source_format=source_format, sha256=hashlib.sha256(raw).hexdigest(),
-                      categories=categories, records=[by_id[i] for i in sorted(by_id)], counts=counts)
 
 
 def image_candidates(file_name: str) -> list[str]:

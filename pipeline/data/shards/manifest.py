@@ -5,13 +5,16 @@
       "dataset": "synthetic-coco",             # from the source's info.description, or --name
       "source_format": "coco",                 # coco | objects365 | lvis
       "num_classes": 5,
-      "categories": [{"label": 0, "id": 1, "name": "red_circle"}, ...],   # label order; LVIS adds "frequency"
+      "categories": [{"label": 0, "id": 1, "name": "red_circle", "image_count": 40, "instance_count": 61}, ...],
+                      # label order; LVIS adds "frequency"; the counts are those of the "train" split (else the
+                      # largest split) as written, after box cleaning
       "columns": {"image_id": "int64", ...},
       "split_sizes": {"train": 200, "val": 40},                      # images written per split
       "splits": {"train": {"num_images": 200, "num_boxes": 811, "num_empty_images": 12, "num_shards": 1,
                            "rows_per_shard": 1000, "files": ["train/part-00000.parquet"],
                            "source": {"annotations": URI, "images": URI, "sha256": "..."},
-                           "counts": {"missing_image": 0, "corrupt_image": 0, ...}}}
+                           "counts": {"missing_image": 0, "corrupt_image": 0, ...},
+                           "image_counts": [40, ...], "instance_counts": [61, ...]}}   # per label, this split
     }
 
 Splits are built one at a time onto the same root; every split must share the category list.
@@ -39,6 +42,8 @@ class SplitInfo:
     files: tuple[str, ...]  # relative to the shard root, e.g. "train/part-00000.parquet"
     source: dict[str, str]  # annotations, images, sha256 (of the annotation file's bytes)
     counts: dict[str, int]  # every skipped / repaired record, zeros included
+    image_counts: tuple[int, ...] = ()     # per label: images with at least one box of the label
+    instance_counts: tuple[int, ...] = ()  # per label: boxes
 
 
 @dataclass(frozen=True)
@@ -74,16 +79,53 @@ class Manifest:
             "format_version": self.format_version, "dataset": self.dataset, "source_format": self.source_format,
             "num_classes": self.num_classes, "categories": list(self.categories), "columns": self.columns,
             "split_sizes": self.split_sizes,
-            "splits": {k: {**dataclasses.asdict(v), "files": list(v.files)} for k, v in self.splits.items()},
+            "splits": {k: {**dataclasses.asdict(v), "files": list(v.files), "image_counts": list(v.image_counts),
+                           "instance_counts": list(v.instance_counts)} for k, v in self.splits.items()},
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         if d.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"manifest format_version {d.get('format_version')!r} is not {FORMAT_VERSION}")
-        splits = {k: SplitInfo(**{**v, "files": tuple(v["files"])}) for k, v in d.get("splits", {}).items()}
+        splits = {k: SplitInfo(**{**v, "files": tuple(v["files"]), "image_counts": tuple(v.get("image_counts", ())),
+                                  "instance_counts": tuple(v.get("instance_counts", ()))})
+                  for k, v in d.get("splits", {}).items()}
         return cls(dataset=d["dataset"], source_format=d["source_format"], categories=tuple(d["categories"]),
                    columns=dict(d["columns"]), splits=splits, format_version=d["format_version"])
+
+
+def count_split(manifest: Manifest) -> str | None:
+    """The split whose per-category counts go on `categories`: "train" if built, else the largest split."""
+    if "train" in manifest.splits:
+        return "train"
+    return max(manifest.splits, key=lambda k: (manifest.splits[k].num_images, k), default=None)
+
+
+def with_category_counts(manifest: Manifest) -> Manifest:
+    """A copy whose `categories` entries carry `image_count` / `instance_count` of `count_split` (none if no
+    split has counts)."""
+    split = count_split(manifest)
+    info = manifest.splits.get(split) if split else None
+    cats = []
+    for c in manifest.categories:
+        c = {k: v for k, v in c.items() if k not in ("image_count", "instance_count")}
+        if info is not None and info.image_counts:
+            c.update(image_count=int(info.image_counts[c["label"]]),
+                     instance_count=int(info.instance_counts[c["label"]]))
+        cats.append(c)
+    return dataclasses.replace(manifest, categories=tuple(cats))
+
+
+def category_image_counts(manifest: Manifest, split: str = "train") -> list[int]:
+    """Images per category of `split`, in label order (entry i = label i), e.g. for LVIS FedLoss weights.
+    Raises ValueError (one line) when the split is absent or was built without per-category counts."""
+    info = manifest.splits.get(split)
+    if info is None:
+        raise ValueError(f"split {split!r} is not in the manifest (splits: {sorted(manifest.splits)})")
+    if len(info.image_counts) != manifest.num_classes:
+        raise ValueError(f"split {split!r} has no per-category counts (built before they were recorded); "
+                         "rebuild it with jobs/build_shards.py")
+    return list(info.image_counts)
 
 
 def manifest_uri(shards_uri: str) -> str:
