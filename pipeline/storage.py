@@ -21,6 +21,9 @@ import uuid
 from typing import Any
 
 import fsspec
+import pyarrow.fs as pafs
+
+from pipeline.retry import RETRY
 
 LOCAL_PROTOCOLS = ("", "file", "local")
 
@@ -43,8 +46,18 @@ def is_local(uri: str) -> bool:
 
 
 def _s3_options() -> dict[str, Any]:
-    """s3fs options from the AWS environment (s3fs/botocore read keys themselves; the endpoint needs help)."""
-    opts: dict[str, Any] = {}
+    """s3fs options from the AWS environment (s3fs/botocore read keys themselves; the endpoint needs help) and
+    the retry policy of `pipeline.retry` (botocore standard mode: throttling, 5xx and connection errors)."""
+    # AWS_RETRY_MODE / AWS_MAX_ATTEMPTS, when set, win: botocore reads them when the config leaves them out
+    retries: dict[str, Any] = {}
+    if not os.environ.get("AWS_RETRY_MODE"):
+        retries["mode"] = RETRY.s3_retry_mode
+    if not os.environ.get("AWS_MAX_ATTEMPTS"):
+        retries["max_attempts"] = RETRY.s3_max_attempts
+    opts: dict[str, Any] = {  # s3fs's own `retries` is a class attribute, left at its default (pipeline.retry)
+        "config_kwargs": {"retries": retries, "connect_timeout": RETRY.s3_connect_timeout_s,
+                          "read_timeout": RETRY.s3_read_timeout_s},
+    }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts["endpoint_url"] = endpoint
@@ -68,20 +81,35 @@ def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """A native `pyarrow.fs.S3FileSystem` with the retry strategy of `pipeline.retry`, kept across pickling.
+
+    pyarrow 25's `S3FileSystem.__reduce__` leaves `retry_strategy` out, so a filesystem sent to Ray Train workers
+    (`storage_filesystem`) or Ray Data read tasks would fall back to 3 attempts; this subclass rebuilds it.
+    `kwargs`: the `S3FileSystem` keyword arguments other than `retry_strategy`."""
+
+    def __init__(self, kwargs: dict[str, Any], max_attempts: int) -> None:
+        super().__init__(**kwargs, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts))
+        self._kwargs, self._max_attempts = dict(kwargs), max_attempts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return RetryingS3FileSystem, (self._kwargs, self._max_attempts)
+
+
 def get_pyarrow_fs(uri: str) -> tuple[Any, str]:
     """(pyarrow.fs.FileSystem, protocol-less path) for `uri`, e.g. for Ray Train's `storage_filesystem`.
 
-    S3 gets a native `pyarrow.fs.S3FileSystem` with `endpoint_override` from AWS_ENDPOINT_URL (its constructor
-    does not read that variable itself); other protocols are wrapped from fsspec.
+    S3 gets a native `pyarrow.fs.S3FileSystem` (`RetryingS3FileSystem`: retries and timeouts of `pipeline.retry`)
+    with `endpoint_override` from AWS_ENDPOINT_URL (its constructor does not read that variable itself); other
+    protocols are wrapped from fsspec.
     """
-    import pyarrow.fs as pafs
-
     protocol, path = split_uri(uri)
     if protocol == "file":
         return pafs.LocalFileSystem(), path
     if protocol in ("s3", "s3a"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"connect_timeout": RETRY.s3_connect_timeout_s,
+                                  "request_timeout": RETRY.s3_read_timeout_s}
         if endpoint:
             scheme, _, host = endpoint.partition("://")
             kwargs["endpoint_override"] = host or endpoint
@@ -94,7 +122,8 @@ def get_pyarrow_fs(uri: str) -> tuple[Any, str]:
             kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
             if os.environ.get("AWS_SESSION_TOKEN"):
                 kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-        return pafs.S3FileSystem(**kwargs), path
+        attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or RETRY.pyarrow_s3_max_attempts)  # env wins, as above
+        return RetryingS3FileSystem(kwargs, attempts), path
     fs, path = get_fs(uri)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 

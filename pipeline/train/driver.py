@@ -13,12 +13,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import storage
-from pipeline.config import JobConfig, dump_yaml, flatten, to_dict
+from pipeline.config import JobConfig, dump_yaml, flatten, load_config, to_dict
 from pipeline.dist import torch_backend
+from pipeline.retry import RETRY, call_with_retries
 
 
 class StageError(RuntimeError):
     """Bad input detected before training starts (one-line message)."""
+
+
+class RegistrationError(StageError):
+    """Training finished but registering its model failed after the retries of `pipeline.retry`; the message
+    names the checkpoint and the `jobs/register.py` line that registers it later."""
 
 
 @dataclass
@@ -211,6 +217,9 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
     fs, path = (None, storage_path)
     if "://" in storage_path and not storage.is_local(storage_path):
         fs, path = storage.get_pyarrow_fs(storage_path)
+    if job.train.keep_checkpoints < RETRY.min_checkpoints_kept:
+        print(f"[train] WARNING train.keep_checkpoints={job.train.keep_checkpoints}: a corrupt newest checkpoint "
+              f"cannot fall back to a previous one (keep >= {RETRY.min_checkpoints_kept})")
     run_config = ray.train.RunConfig(
         name=job.run_name, storage_path=path, storage_filesystem=fs,
         failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
@@ -218,9 +227,7 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
         callbacks=callbacks,
     )
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
-                                               resources_per_worker={"CPU": job.scaling.cpus_per_worker}),
+        train_loop_per_worker, train_loop_config=loop_config, scaling_config=ray_scaling_config(job),
         run_config=run_config, datasets=datasets,
         torch_config=TorchConfig(backend=torch_backend(job.scaling.use_gpu)),  # gloo, or cpu:gloo,cuda:nccl
     )
@@ -233,10 +240,79 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
     print(f"[train] finished {job.run_name}: checkpoint {ckpt_uri}")
     out = StageResult(job.run_name, ckpt_uri, metrics, run_id, tracking_uri if job.tracking.enabled else "")
     if job.tracking.enabled and ckpt is not None and register:
-        out = _register(job, out, categories)
+        out = register_with_retries(job, out, categories)
     if job.tracking.enabled:
-        mt.end_run(tracking_uri, run_id)
+        _end_run_quietly(tracking_uri, run_id)
     return out
+
+
+def ray_scaling_config(job: JobConfig) -> Any:
+    """Ray Train's ScalingConfig: fixed `num_workers`, or elastic `(min_workers, num_workers)` when
+    `scaling.min_workers` > 0 (Ray 2.60 Train V2 `ElasticScalingPolicy`: after a node loss the group restarts from
+    the last checkpoint with as many workers as the cluster fits, at least min_workers)."""
+    import ray.train
+
+    s = job.scaling
+    if s.min_workers > s.num_workers:
+        raise StageError(f"scaling.min_workers={s.min_workers} exceeds scaling.num_workers={s.num_workers}")
+    workers: int | tuple[int, int] = (s.min_workers, s.num_workers) if s.min_workers > 0 else s.num_workers
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=s.use_gpu,
+                                   resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker})
+
+
+def register_with_retries(job: JobConfig, res: StageResult, categories: list[dict]) -> StageResult:
+    """`_register`, retried (`pipeline.retry`: register_attempts, register_backoff_s). A final failure raises
+    RegistrationError naming the checkpoint and the command that registers it later."""
+    try:
+        return call_with_retries(lambda: _register(job, res, categories), RETRY.register_attempts,
+                                 RETRY.register_backoff_s, f"register the model of {res.checkpoint_uri}")
+    except Exception as e:  # noqa: BLE001 - every failure becomes the one actionable line below
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        raise RegistrationError(
+            f"training finished but registering its model at {res.tracking_uri} failed after "
+            f"{RETRY.register_attempts} attempts ({type(e).__name__}: {first}); "
+            f"the checkpoint is {res.checkpoint_uri}; "
+            f"register it later with: python jobs/register.py --checkpoint {res.checkpoint_uri}") from e
+
+
+def _end_run_quietly(tracking_uri: str, run_id: str) -> None:
+    """Mark the MLflow run finished; a tracking server that is away costs a warning, never the stage."""
+    from pipeline.tracking import mlflow_tracking as mt
+
+    try:
+        mt.end_run(tracking_uri, run_id)
+    except Exception as e:  # noqa: BLE001
+        print(f"[mlflow] WARNING could not mark run {run_id} finished at {tracking_uri}: {type(e).__name__}")
+
+
+def register_checkpoint(checkpoint_uri: str, tracking_uri: str = "", name: str = "") -> StageResult:
+    """Register a finished stage's checkpoint later (`jobs/register.py`): the job config, categories, MLflow run id
+    and best val AP come from the checkpoint itself (config.yaml, categories.json, trainer_state.json)."""
+    import tempfile
+
+    from pipeline.train.checkpoint import CATEGORIES, CONFIG, STATE, checkpoint_dir_of, load_optional
+
+    directory = checkpoint_dir_of(checkpoint_uri)
+    config_yaml = load_optional(directory, CONFIG)
+    state = load_optional(directory, STATE)
+    categories = load_optional(directory, CATEGORIES)
+    if config_yaml is None or state is None or categories is None:
+        raise StageError(f"{checkpoint_uri!r} is not a stage checkpoint: expected {CONFIG}, {STATE} and "
+                         f"{CATEGORIES} there")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(config_yaml)
+    try:
+        job = load_config(f.name, [f"tracking.tracking_uri={tracking_uri}"] if tracking_uri else [])
+    finally:
+        os.unlink(f.name)
+    if name:
+        job = dataclasses.replace(job, tracking=dataclasses.replace(job.tracking, register_as=name))
+    run_id = state.get("mlflow_run_id", "")
+    if not run_id:
+        raise StageError(f"checkpoint {checkpoint_uri!r} names no MLflow run (trained with tracking off)")
+    res = StageResult(job.run_name, directory, {"val/AP": float(state.get("best_ap", -1.0))}, run_id,
+                      tracking_uri_of(job))
+    return register_with_retries(job, res, categories)
 
 
 def with_manifest_classes(job: JobConfig, manifest: dict[str, Any]) -> JobConfig:
