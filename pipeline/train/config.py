@@ -45,6 +45,10 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # worker-group restarts from the last checkpoint (Ray FailureConfig)
+    # > 0: elastic, ScalingConfig(num_workers=(min_workers, num_workers)): after a node loss the run restarts from
+    # its last checkpoint on the workers that fit (>= min_workers); accumulation keeps train.total_batch_size
+    min_workers: int = 0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra (custom) Ray resources per worker
 
 
 @dataclass(frozen=True)
