@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mlflow.entities import Metric
+
 from pipeline.retry import RETRY
 
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
@@ -49,13 +51,12 @@ class BufferedMetrics:
         self.outages = 0  # outages seen (one warning line each)
         self.dropped = 0  # values dropped because the buffer was full
         self.sent = 0  # values delivered
+        self._last_step: int | None = None
         self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Queue finite numeric `metrics` at `step` (non-blocking)."""
-        from mlflow.entities import Metric
-
         ts = int(time.time() * 1000)
         with self._cv:
             for k, v in metrics.items():
@@ -66,6 +67,7 @@ class BufferedMetrics:
                 if f != f or abs(f) == float("inf"):
                     continue
                 self._pending.append(Metric(k, f, ts, step))
+                self._last_step = step
                 if len(self._pending) > self._max:
                     self._pending.popleft()
                     self.dropped += 1
@@ -123,6 +125,12 @@ class BufferedMetrics:
             self._cv.notify()
         self._thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
         left = self.buffered
+        if self._last_step is not None:  # what the faults cost, in the run itself (if the server answers)
+            counts = {"tracking/outages": self.outages, "tracking/dropped_values": self.dropped,
+                      "tracking/undelivered_values": left}
+            self.try_call(lambda: self._client.log_batch(self.run_id, metrics=[
+                Metric(k, float(v), int(time.time() * 1000), self._last_step) for k, v in counts.items()]),
+                "tracking counters")
         if left:
             self._log(f"[mlflow] WARNING {left} metric values not delivered to {self.uri} (server away at the end "
                       f"of training; the run's metrics/worker_history.jsonl artefact, if written, has them all)")

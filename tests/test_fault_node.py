@@ -1,0 +1,169 @@
+"""Node loss (spot preemption): a local multi-node Ray cluster (a head and two worker nodes started with
+`ray start` on loopback, each worker node with 1 CPU and one `trainer` resource, so each Train worker lands on its
+own node). The raylet of one worker node is SIGKILLed mid-epoch. With `scaling.min_workers=1` the stage is elastic
+(Ray 2.60 Train V2 `ScalingConfig(num_workers=(1, 2))`): it restarts from the last checkpoint on the remaining
+node, gradient accumulation doubles so each step still trains `train.total_batch_size` images, every image of the
+interrupted epoch trains exactly once after the resume, and the run ends at exactly `train.max_steps`.
+
+The stage runs as a job script in a subprocess with RAY_ADDRESS set, as `ray job submit` would run it; the test
+never calls `ray stop` (other Ray instances may share the machine): it kills exactly the processes it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from fault_helpers import REPO, check_exactly_once, cost_line, read_trace, train_image_ids
+from tiny_stage import TINY_STAGE
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+# GCS marks a node dead after 3 missed 1-s health checks (default 5 x 3 s) so the test waits less
+FAST_HEALTH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+               "RAY_health_check_failure_threshold": "3"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_ports() -> list[str]:
+    """Ports that default to fixed numbers (two nodes on one host would collide, so would another session's)."""
+    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+
+
+class Cluster:
+    def __init__(self, log_dir: str) -> None:
+        self.port, self.log_dir = _free_port(), log_dir
+        self.address = f"127.0.0.1:{self.port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.temp = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # socket paths must stay < 107 bytes
+        self.env = {**os.environ, **FAST_HEALTH}
+        for k in [k for k in self.env if k.startswith("RAY_ADDRESS")]:
+            self.env.pop(k)
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = open(os.path.join(self.log_dir, f"{name}.log"), "w")  # noqa: SIM115 - the child keeps it
+        self.procs[name] = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args, *_node_ports()],
+                                            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start(self) -> None:
+        self._start("head", ["--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                             f"--temp-dir={self.temp}", "--include-dashboard=false"])
+        self._wait_nodes(1)
+        for n in ("a", "b"):
+            self._start(n, [f"--address={self.address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                            '--resources={"trainer": 1}'])
+        self._wait_nodes(3)
+
+    def _wait_nodes(self, n: int, timeout_s: float = 300) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            out = subprocess.run([RAY, "status", f"--address={self.address}"], env=self.env, capture_output=True,
+                                 text=True, timeout=120)
+            if out.returncode == 0 and out.stdout.count("node_") >= n:
+                return
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    with open(os.path.join(self.log_dir, f"{name}.log")) as f:
+                        raise RuntimeError(f"ray start ({name}) exited: {f.read()[-2000:]}")
+            time.sleep(2)
+        raise RuntimeError(f"cluster did not reach {n} nodes in {timeout_s} s")
+
+    def raylet_pid(self, name: str) -> int:
+        import psutil
+
+        kids = psutil.Process(self.procs[name].pid).children(recursive=True)
+        return next(k.pid for k in kids if k.name() == "raylet")
+
+    def stop(self) -> None:
+        """SIGKILL every process this cluster started (descendants first collected by pid)."""
+        import psutil
+
+        pids: list[int] = []
+        for p in self.procs.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                pids += [k.pid for k in psutil.Process(p.pid).children(recursive=True)] + [p.pid]
+        # Ray workers of a node are children of its raylet, which is a child of `ray start`; the GCS and the
+        # workers' own children too. Anything re-parented away is found by the session dir in its command line.
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if any(self.temp in a for a in proc.info["cmdline"] or []):
+                    pids.append(proc.info["pid"])
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        for pid in dict.fromkeys(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_worker_node_lost_mid_epoch_elastic_resume(tmp_path):
+    cluster = Cluster(str(tmp_path))
+    trace = tmp_path / "trace.jsonl"
+    try:
+        cluster.start()
+        overrides = [*TINY_STAGE, f"work_dir={tmp_path}", "name=fault-node", "train.max_steps=8",
+                     "train.checkpoint_every_steps=2", "train.keep_checkpoints=10", "tracking.enabled=false",
+                     "scaling.num_workers=2", "scaling.min_workers=1", "scaling.max_failures=2",
+                     'scaling.resources_per_worker={"trainer": 1}']
+        cmd = [sys.executable, os.path.join(REPO, "jobs/pretrain_o365.py")]
+        for o in overrides:
+            cmd += ["--set", o]
+        env = {**cluster.env, "RAY_ADDRESS": cluster.address, "CODETR_TRACE_IDS": str(trace)}
+        log = open(tmp_path / "driver.log", "w")  # noqa: SIM115
+        driver = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
+
+        # kill worker node a's raylet after step 3 (the last checkpoint is at step 2): mid-epoch 0
+        deadline = time.monotonic() + 1200
+        while not (trace.exists() and any(x["step"] >= 3 for x in read_trace(str(trace)))):
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no step 3 within 20 min"
+            time.sleep(0.1)
+        os.kill(cluster.raylet_pid("a"), signal.SIGKILL)
+        killed_at = time.time()
+
+        rc = driver.wait(timeout=1800)
+        out = (tmp_path / "driver.log").read_text()
+        assert rc == 0, out[-4000:]
+    finally:
+        cluster.stop()
+
+    lines = read_trace(str(trace))
+    runs = [[x for x in lines if x["pid"] == p] for p in dict.fromkeys(x["pid"] for x in lines)]
+    assert len(runs) == 2, f"expected one restart, got attempts {[[x['step'] for x in r] for r in runs]}"
+    assert [x["step"] for x in runs[0]][:3] == [1, 2, 3]
+    resume_step = runs[1][0]["step"] - 1
+    assert resume_step == 2 or (resume_step == 4 and runs[0][-1]["step"] >= 4)  # the last checkpoint before the kill
+    assert [x["step"] for x in runs[1]] == list(range(resume_step + 1, 9))
+    assert all(len(x["ids"]) == 2 for x in lines)  # total batch kept: 2 workers x 1 before, 1 worker x 2 after
+    all_ids = train_image_ids(os.path.join(str(tmp_path), "shards", "*", "train", "part-*.parquet"))
+    cost = check_exactly_once(lines, all_ids, resume_step)
+    assert cost["steps_replayed"] <= 2  # at most one checkpoint interval
+
+    run_dir = os.path.join(str(tmp_path), "ray_results", "fault-node")
+    states = {}
+    for d in sorted(os.listdir(run_dir)):
+        if d.startswith("checkpoint_"):
+            with open(os.path.join(run_dir, d, "trainer_state.json")) as f:
+                s = json.load(f)
+            states[s["step"]] = s["world_size"]
+    assert states[2] == 2 and states[8] == 1, states  # 2 workers before the node loss, 1 after
+    assert "2 worker(s) x batch 1 x accumulation 1 = 2 images" in out  # rank 0's prints reach the driver log
+    assert "1 worker(s) x batch 1 x accumulation 2 = 2 images" in out
+    lost_s = runs[1][0]["t"] - killed_at
+    assert lost_s < 600, f"resume took {lost_s:.0f} s"
+    cost_line("worker node lost", "SIGKILL one worker node's raylet after step 3 (2 nodes x 1 Train worker)",
+              "elastic restart on the remaining node from the step-2 checkpoint, accumulation 1 -> 2", **cost,
+              seconds_to_first_step_after_kill=round(lost_s, 1))
