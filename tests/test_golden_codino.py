@@ -29,7 +29,9 @@ Runs one R50 forward at 320x416 (batch 2) and the aux heads on CPU: ~20 s on an 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,8 +47,44 @@ pytestmark = [
 ]
 
 
-def _make_weights():
-    spec = importlib.util.spec_from_file_location("golden_make_weights", GOLDEN / "make_weights.py")
+def _fixture(directory: Path = GOLDEN) -> dict:
+    """fixture.json: every parameter the case was computed with (seed, num_classes, num_queries)."""
+    return json.loads((directory / "fixture.json").read_text())
+
+
+def _official_weights(directory: Path = GOLDEN) -> dict[str, torch.Tensor]:
+    """The authors'-named weights of the case in `directory`, rebuilt with the seed of its fixture.json."""
+    return _make_weights(directory).official_state_dict(seed=int(_fixture(directory)["seed"]))
+
+
+def _model_config(fixture: dict, topk: int):
+    from pipeline.models.config import CoConfig, ModelConfig, TestConfig, TransformerConfig
+
+    # K = 2 (the fixture's heads); mmdet 3.x takes the top max_per_img before NMS (topk: the reference's count)
+    return ModelConfig(num_classes=int(fixture["num_classes"]), co=CoConfig(aux_heads=("atss", "faster_rcnn")),
+                       transformer=TransformerConfig(num_queries=int(fixture["num_queries"])),
+                       test=TestConfig(topk=topk, max_per_img=topk))
+
+
+def _batch(inp: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's batch: images normalised and placed top-left on a zero canvas, sizes, padding masks."""
+    h, w = inp["batch_shape"]
+    n = len(inp["images_uint8_hwc"])
+    mean = torch.tensor(inp["pixel_mean"]).view(3, 1, 1)
+    std = torch.tensor(inp["pixel_std"]).view(3, 1, 1)
+    images = torch.zeros(n, 3, h, w)
+    for i, im in enumerate(inp["images_uint8_hwc"]):
+        x = (im.permute(2, 0, 1).float() - mean) / std
+        images[i, :, : x.shape[1], : x.shape[2]] = x
+    masks = torch.ones(n, h, w, dtype=torch.bool)
+    for i, (ih, iw) in enumerate(inp["img_shapes"]):
+        masks[i, :ih, :iw] = False
+    return images, torch.tensor(inp["img_shapes"]), masks
+
+
+def _make_weights(directory: Path = GOLDEN):
+    spec = importlib.util.spec_from_file_location(f"golden_make_weights_{abs(hash(str(directory)))}",
+                                                  directory / "make_weights.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -83,15 +121,15 @@ def golden():
     from pipeline.models import build_model
     from pipeline.models.aux_heads.adapter import MultiScaleAdapter
     from pipeline.models.box_ops import box_xyxy_to_cxcywh
-    from pipeline.models.config import CoConfig, ModelConfig, TestConfig
 
     torch.manual_seed(0)
     exp = torch.load(GOLDEN / "expected.pt", weights_only=False)
     inp = torch.load(GOLDEN / "inputs.pt", weights_only=False)
-    official = _make_weights().official_state_dict()
-    # K = 2 (the fixture's heads); mmdet 3.x takes the top max_per_img (300) before NMS, 2.x num_query (900)
-    co = CoConfig(aux_heads=("atss", "faster_rcnn"))
-    cfg = ModelConfig(num_classes=80, co=co, test=TestConfig(topk=300))
+    fixture = _fixture()
+    official = _official_weights()
+    topk = len(exp["det_pre_nms"][0]["scores"])  # the reference's pre-NMS top-k (mmdet 3.x: max_per_img)
+    cfg = _model_config(fixture, topk)
+    nq, nc = cfg.transformer.num_queries, cfg.num_classes
     model = build_model(cfg)
     model.load_state_dict(convert_official_state_dict(official, cfg.co.aux_heads), strict=True)
     model.eval()
@@ -99,20 +137,12 @@ def golden():
     assert isinstance(adapter, MultiScaleAdapter)
 
     h, w = inp["batch_shape"]
-    mean = torch.tensor(inp["pixel_mean"]).view(3, 1, 1)
-    std = torch.tensor(inp["pixel_std"]).view(3, 1, 1)
-    images = torch.zeros(2, 3, h, w)
-    for i, im in enumerate(inp["images_uint8_hwc"]):
-        x = (im.permute(2, 0, 1).float() - mean) / std
-        images[i, :, : x.shape[1], : x.shape[2]] = x
-    sizes = torch.tensor(inp["img_shapes"])
-    masks = torch.ones(2, h, w, dtype=torch.bool)
-    for i, (ih, iw) in enumerate(inp["img_shapes"]):
-        masks[i, :ih, :iw] = False
+    images, sizes, masks = _batch(inp)
+    n = len(images)
 
     from pipeline.models.layers.padding_mask import padding_masks_from_sizes
 
-    r: dict = {"exp": exp, "model": model, "sizes": sizes}
+    r: dict = {"exp": exp, "model": model, "sizes": sizes, "num_queries": nq, "num_classes": nc, "n": n}
     with torch.no_grad():
         assert torch.equal(model.image_sizes(images, masks, None, None), sizes)
         r["backbone"] = model.backbone(images)
@@ -126,7 +156,7 @@ def golden():
         perm = torch.stack([
             _align(sel.boxes[b], exp["enc_topk_anchors"][b], exp["enc_topk_max_logit"][b],
                    sel.logits[b].max(-1)[0], 1e-4)
-            for b in range(2)
+            for b in range(n)
         ])  # fmt: skip
         r["perm"] = perm
 
@@ -134,15 +164,15 @@ def golden():
             return torch.gather(x, 1, perm[..., None].expand(-1, -1, x.shape[-1]))
 
         r["topk_boxes"], r["topk_logits"] = gather(sel.boxes), gather(sel.logits)
-        query = tr.query_embed.weight[None].expand(2, -1, -1)
+        query = tr.query_embed.weight[None].expand(n, -1, -1)
         hidden, refs = tr.decode(query, gather(sel.ref_logits).sigmoid(), enc, model.head.reg_branches)
         r["refs"] = refs
         r["logits"], r["boxes"] = model.head.predict(hidden, refs)
         from pipeline.models.query_head.postprocess import detr_postprocess_with_pre_nms
 
-        r["dets"] = [detr_postprocess_with_pre_nms(r["logits"][-1, b], r["boxes"][-1, b], sizes[b], topk=300,
-                                                   nms="soft", iou_threshold=0.8, max_per_img=300)
-                     for b in range(2)]  # fmt: skip
+        r["dets"] = [detr_postprocess_with_pre_nms(r["logits"][-1, b], r["boxes"][-1, b], sizes[b], topk=topk,
+                                                   nms="soft", iou_threshold=0.8, max_per_img=topk)
+                     for b in range(n)]  # fmt: skip
         targets = []
         for b, (ih, iw) in enumerate(inp["img_shapes"]):
             factor = torch.tensor([iw, ih, iw, ih], dtype=torch.float32)
@@ -180,7 +210,7 @@ def test_encoder_proposals(golden):
     torch.testing.assert_close(golden["topk_boxes"], exp["enc_topk_anchors"], atol=1e-4, rtol=0)
     torch.testing.assert_close(golden["topk_logits"].max(-1)[0], exp["enc_topk_max_logit"], atol=1e-4, rtol=0)
     # near-tie swaps only: at most a handful of neighbours exchanged
-    assert (golden["perm"] != torch.arange(900)).sum() <= 20
+    assert (golden["perm"] != torch.arange(golden["num_queries"])).sum() <= 20
 
 
 def test_decoder_references_boxes_logits(golden):
@@ -197,7 +227,7 @@ def _det_rows(boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("stage", ["det_pre_nms", "det"])
 def test_detections(golden, stage):
-    for b in range(2):
+    for b in range(golden["n"]):
         ref = golden["exp"][stage][b]
         ours = golden["dets"][b][0 if stage == "det_pre_nms" else 1]
         assert ours["boxes"].shape == ref["bboxes"].shape
@@ -214,7 +244,7 @@ def test_model_detections_wiring(golden):
     from pipeline.models.co_detr import detections
 
     dets = detections(golden["logits"][-1], golden["boxes"][-1], golden["sizes"], golden["model"].test_cfg)
-    for b in range(2):
+    for b in range(golden["n"]):
         ref, ours = golden["exp"]["det"][b], dets[b]
         assert ours["boxes"].shape == ref["bboxes"].shape
         idx = _align(_det_rows(ours["boxes"], ours["labels"]), _det_rows(ref["bboxes"], ref["labels"]),
@@ -254,7 +284,8 @@ def test_rpn_roi_terms_do_not_depend_on_sampling(golden):
     assert float(first["loss_rpn_cls"]) != float(again["loss_rpn_cls"])  # the draw did change
     rcnn = golden["aux_positives"]["faster_rcnn"]
     for labels in rcnn.labels:
-        assert labels.numel() == 512 and 0 < int((labels < 80).sum()) < 128  # all positives + negatives = 512
+        positives = int((labels < golden["num_classes"]).sum())
+        assert labels.numel() == 512 and 0 < positives < 128  # all positives + negatives = 512
 
 
 def test_deployed_keys_load_into_k0_model(golden):
@@ -263,3 +294,25 @@ def test_deployed_keys_load_into_k0_model(golden):
 
     deployed = convert_official_state_dict(golden["official"], aux_heads=())
     assert set(deployed) == set(golden["model"].inference_state_dict())
+
+
+def test_reseeded_fixture_is_rejected_at_the_first_stage(tmp_path):
+    """A copy of the fixture whose fixture.json names another seed: its weights must not reproduce the expected
+    backbone output. Proves the test reads the seed (and that the comparison has teeth)."""
+    from pipeline.checkpoints.convert import convert_official_state_dict
+    from pipeline.models import build_model
+
+    for f in GOLDEN.iterdir():
+        if f.is_file() and f.name != "fixture.json":
+            shutil.copy(f, tmp_path / f.name)
+    fixture = _fixture()
+    (tmp_path / "fixture.json").write_text(json.dumps({**fixture, "seed": int(fixture["seed"]) + 1}))
+    exp = torch.load(tmp_path / "expected.pt", weights_only=False)
+    inp = torch.load(tmp_path / "inputs.pt", weights_only=False)
+    cfg = _model_config(_fixture(tmp_path), len(exp["det_pre_nms"][0]["scores"]))
+    model = build_model(cfg).eval()
+    model.load_state_dict(convert_official_state_dict(_official_weights(tmp_path), cfg.co.aux_heads), strict=True)
+    with torch.no_grad():
+        c2 = model.backbone(_batch(inp)[0])[0]
+    diff = (_stats(c2) - exp["stats"]["backbone"][0]).abs().max().item()
+    assert diff > 1e-3, f"re-seeded weights reproduced the first stage (max stat diff {diff:.2e})"

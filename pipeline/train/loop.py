@@ -34,7 +34,7 @@ import torch
 
 from pipeline import dist as pcoll
 from pipeline.train import checkpoint as ckpt_io
-from pipeline.train.ema import build_ema
+from pipeline.train.ema import build_ema, ema_checkpoint, restore_ema
 from pipeline.train.optim import build_optimizer, lr_factor, set_lr
 from pipeline.train.steps import StepStats, backward_micro_batch, optimizer_step
 
@@ -70,12 +70,28 @@ def _drop_seen(batch: Any, seen: set[int]) -> Any | None:
                                targets=[batch.targets[i] for i in keep])
 
 
-DEBUG_ENV = ("CODETR_FAULT_AT_STEP", "CODETR_FAULT_MARKER", "CODETR_TRACE_IDS")
+DEBUG_ENV = ("CODETR_FAULT_AT_STEP", "CODETR_FAULT_MARKER", "CODETR_TRACE_IDS", "CODETR_RECORD_COLLECTIVES",
+             "CODETR_NONFINITE_AT", "CODETR_TRACE_INIT")
 
 
 def _knob(config: dict[str, Any], name: str) -> str:
     """A debug knob: the worker's environment, else the driver's (forwarded as `config["debug_env"]`)."""
     return os.environ.get(name) or config.get("debug_env", {}).get(name, "")
+
+
+def _nonfinite_knob(config: dict[str, Any], rank: int, step: int) -> bool:
+    """CODETR_NONFINITE_AT=RANK:STEP: this rank's loss terms become NaN in the micro-steps of optimizer step STEP
+    (1-based), so only that rank sees a non-finite loss (tests of the non-finite consensus)."""
+    at = _knob(config, "CODETR_NONFINITE_AT")
+    return bool(at) and at == f"{rank}:{step}"
+
+
+def _trace_init(config: dict[str, Any], rank: int) -> None:
+    """CODETR_TRACE_INIT=PATH: append one line "rank pid" per read of the init checkpoint (tests of init-once)."""
+    path = _knob(config, "CODETR_TRACE_INIT")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{rank} {os.getpid()}\n")
 
 
 def _maybe_fault(config: dict[str, Any], step: int, rank: int, run_name: str) -> None:
@@ -127,6 +143,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from pipeline.train.init import init_weights
 
     job = from_dict(JobConfig, config["job"])
+    if _knob(config, "CODETR_RECORD_COLLECTIVES"):
+        os.environ["CODETR_RECORD_COLLECTIVES"] = _knob(config, "CODETR_RECORD_COLLECTIVES")
     tcfg = job.train
     ctx = ray.train.get_context()  # Ray:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -140,29 +158,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     resume = ray.train.get_checkpoint()  # Ray: this stage's own latest checkpoint (worker or driver restart)
     if resume is not None:
-        with resume.as_directory() as d:
+        # verified (manifest sizes + checksums, loads); falls back to the previous checkpoint with a warning
+        with ckpt_io.resumable_directory(resume, log=print if rank == 0 else lambda _: None) as d:
             model.load_state_dict(ckpt_io.load_model_state(d))
             opt_state = ckpt_io.load_optional(d, ckpt_io.OPTIMIZER)
             if opt_state is not None:
                 optimizer.load_state_dict(opt_state)
-            if ema is not None and os.path.exists(os.path.join(d, ckpt_io.EMA)):
-                ema.module.load_state_dict(torch.load(os.path.join(d, ckpt_io.EMA), map_location="cpu"))
             state.update(ckpt_io.load_optional(d, ckpt_io.STATE) or {})
+            if ema is not None and os.path.exists(os.path.join(d, ckpt_io.EMA)):
+                restore_ema(ema, torch.load(os.path.join(d, ckpt_io.EMA), map_location="cpu"),
+                            state.get("ema_n_averaged", 1))  # older checkpoints: at least "averaged once"
         if rank == 0:
             print(f"[train] resumed from checkpoint at epoch {state['epoch']} step {state['step']} "
                   f"({len(state['seen_ids'])} images of that epoch already seen)")
-    elif config.get("init_from"):
+    elif config.get("init_from") and rank == 0:
+        # Init once: only rank 0 reads the init checkpoint (a 1.4 GB download and unpickling for ViT-L); DDP
+        # broadcasts rank 0's parameters and buffers to the other ranks when `prepare_model` wraps the model.
         report = init_weights(model, config["init_from"], config["categories"], tracking_uri=config.get("tracking_uri"))
-        if rank == 0:
-            print(f"[train] initialised from {config['init_from']}: {report}")
-        if ema is not None:
-            ema = build_ema(model, tcfg.ema_decay)
+        print(f"[train] initialised from {config['init_from']}: {report}")
+        _trace_init(config, rank)
 
     model.to(device)
-    if ema is not None:
-        ema.to(device)
     optimizer_to(optimizer, device)
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})  # Ray:
+    if ema is not None and resume is None:  # built after DDP's broadcast: every rank averages rank 0's init
+        ema = build_ema(model, tcfg.ema_decay)
+    if ema is not None:
+        ema.to(device)
 
     per_worker = job.data.batch_size
     accum = max(1, round(tcfg.total_batch_size / (per_worker * world)))
@@ -177,6 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def save_and_report(metrics: dict[str, float], epoch_done: bool) -> None:
         seen_all = [] if epoch_done else _gather_ids(seen_local, world)
         trainer_state = {**state, "seen_ids": seen_all, "world_size": world,
+                         "ema_n_averaged": ema_checkpoint(ema)[1] if ema is not None else 0,
                          "mlflow_run_id": config.get("mlflow_run_id", "")}
         checkpoint, tmp = None, None
         if rank == 0:
@@ -218,13 +241,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             set_lr(optimizer, lr_factor(state["step"], epoch, tcfg))
             losses = backward_micro_batch(
                 ddp_model, batch.images, batch.masks, batch.targets, accum=accum, device=device, amp=tcfg.amp,
-                step=state["step"], nonfinite=tcfg.nonfinite, no_sync=(micro + 1) % accum != 0)
+                step=state["step"], nonfinite=tcfg.nonfinite, no_sync=(micro + 1) % accum != 0,
+                poison=_nonfinite_knob(config, rank, state["step"] + 1))
             micro += 1
             seen_local.extend(int(t["image_id"]) for t in batch.targets)
             if trace_path:
                 step_ids.extend(int(t["image_id"]) for t in batch.targets)
             if losses is None:
                 stats.skipped_steps += 1
+                state["skipped_steps"] = state.get("skipped_steps", 0) + 1
                 optimizer.zero_grad(set_to_none=True)
             else:
                 stats.add(losses, len(batch.targets))
@@ -286,24 +311,32 @@ def optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None
 
 
 class _Tracker:
-    """Rank-0 MLflow logging of step metrics (no-op on other ranks or when tracking is off)."""
+    """Rank-0 MLflow logging of step metrics (no-op on other ranks or when tracking is off). Never blocks or
+    raises: values go through a bounded buffer that a thread flushes (pipeline/tracking/buffered.py)."""
 
     def __init__(self, config: dict[str, Any], rank: int) -> None:
         self.enabled = rank == 0 and bool(config.get("mlflow_run_id"))
         self.uri, self.run_id = config.get("tracking_uri", ""), config.get("mlflow_run_id", "")
         self.history: list[dict[str, float]] = []
+        self.buffer = None
+        if self.enabled:
+            from pipeline.tracking.buffered import BufferedMetrics
+
+            self.buffer = BufferedMetrics(self.uri, self.run_id)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if not metrics or not self.enabled:
+        if not metrics or self.buffer is None:
             return
-        from pipeline.tracking.mlflow_tracking import log_metrics
-
-        log_metrics(self.uri, self.run_id, metrics, step)
+        self.buffer.log(metrics, step)
         self.history.append({"step": step, **metrics})
 
     def close(self) -> None:
-        if self.enabled and self.history:
+        if self.buffer is None:
+            return
+        self.buffer.close()
+        if self.history:
             from pipeline.tracking.mlflow_tracking import log_text
 
-            log_text(self.uri, self.run_id, "\n".join(json.dumps(h) for h in self.history),
-                     "metrics/worker_history.jsonl")
+            text = "\n".join(json.dumps(h) for h in self.history)
+            self.buffer.try_call(lambda: log_text(self.uri, self.run_id, text, "metrics/worker_history.jsonl"),
+                                 "metrics history artefact")

@@ -91,13 +91,15 @@ def backward_micro_batch(
     step: int,
     nonfinite: str,
     no_sync: bool,
+    poison: bool = False,
 ) -> dict[str, torch.Tensor] | None:
     """Forward + backward of one micro-batch; returns the loss terms, or None if skipped as non-finite.
 
     Non-finite consensus: the ranks agree (one all-reduce, `pipeline.dist.all_agree`) whether every rank's loss is
     finite. If one is not, *every* rank skips the micro-step together (nonfinite="skip") or raises ("raise"). A
     skipped step still runs backward on a zeroed loss so that DDP's gradient all-reduce happens on every rank alike
-    (a rank that left it out would pair the next collective wrongly); the caller then drops the gradients."""
+    (a rank that left it out would pair the next collective wrongly); the caller then drops the gradients.
+    `poison` (a test knob, `CODETR_NONFINITE_AT`) turns this rank's loss terms into NaN after the forward."""
     from pipeline import dist as pcoll
 
     sync_ctx = model.no_sync() if (no_sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
@@ -105,6 +107,8 @@ def backward_micro_batch(
         with autocast_context(device, amp):
             losses = model(images, masks, targets)
         losses = {k: v.float() for k, v in losses.items()}  # fp32 losses, whatever the autocast dtype
+        if poison:
+            losses = {k: v * float("nan") for k, v in losses.items()}
         total = sum(v for k, v in losses.items() if "loss" in k)
         finite_here = torch.isfinite(torch.stack([v.detach() for v in losses.values()])).all()
         if pcoll.all_agree(finite_here):
