@@ -140,15 +140,17 @@ class ViT(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         if images.ndim != 4 or images.shape[-2] < self.patch_size or images.shape[-1] < self.patch_size:
-            raise ValueError(f"ViT expects images (B, C, H, W) with H, W >= {self.patch_size}, got {tuple(images.shape)}")
+            raise ValueError(
+                f"ViT expects images (B, C, H, W) with H, W >= {self.patch_size}, got {tuple(images.shape)}"
+            )
         x = self.patch_embed(images)  # (B, H/16, W/16, C)
         H, W = x.shape[1], x.shape[2]
         x = x + resize_abs_pos_embed(self.pos_embed, (H, W))
         has_window = self.window_size > 0 and len(self.global_blocks) < self.depth
         rope_win = self.rope.window(x.device) if has_window else None
         rope_glb = self.rope.global_(H, W, x.device) if self.global_blocks or self.window_size == 0 else None
-        for blk in self.blocks:
-            rope = rope_win if blk.window_size > 0 else rope_glb
+        for i, blk in enumerate(self.blocks):
+            rope = rope_glb if i in self.global_blocks or self.window_size == 0 else rope_win
             if self.checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, rope, use_reentrant=False)
             else:

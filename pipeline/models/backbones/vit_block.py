@@ -76,10 +76,11 @@ class ViTBlock(nn.Module):
             dim, num_heads=num_heads, qkv_bias=True, qkv_fused=False, num_prefix_tokens=0, norm_layer=None,
             scale_norm=False,
         )  # fmt: skip
-        self.attn.fused_attn = True  # always F.scaled_dot_product_attention (timm may default to the manual path)
+        # always F.scaled_dot_product_attention (timm's default follows TIMM_FUSED_ATTN); timm types it Final
+        self.attn.fused_attn = True  # type: ignore[misc]
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = SwiGLU(dim, int(dim * mlp_ratio), norm_layer=norm_layer)
+        self.mlp = SwiGLU(dim, int(dim * mlp_ratio), norm_layer=norm_layer)  # type: ignore[arg-type]  # a partial
 
     def forward(self, x: Tensor, rope: Tensor) -> Tensor:
         shortcut = x
