@@ -7,7 +7,9 @@
 Counts include the affine weights of frozen BatchNorms (buffers here, parameters in the authors' checkpoints),
 so the totals compare with the authors' numbers (Co-DINO R50, K = 2: 65,204,005 total, 48,064,780 deployed).
 `inference_params` is the deployed K = 0 model (`CoDETR.inference_state_dict()`, the DN label embedding
-included). The last line is one JSON object.
+included). Then the loss-weight table of the auxiliary terms (pipeline/models/loss_weights.py: base x factor =
+effective, each term's config source), the one place lambda1 / lambda2 and every per-term weight meet. The last
+line is one JSON object (`loss_weights`: aux loss key -> effective weight, last decoder layer's keys).
 """
 
 import json
@@ -73,8 +75,15 @@ def main() -> None:
         for name, n in per.items():
             print(f"{name:>12s} {n:>14,d}")
         print(f"{'total':>12s} {total:>14,d}\n{'inference':>12s} {inference:>14,d}")
+        from pipeline.models.loss_weights import format_table, loss_weight_rows
+
+        rows = loss_weight_rows(model_cfg)
+        if rows:
+            print(f"\naux loss weights (lambda1 {model_cfg.co.lambda1}, lambda2 {model_cfg.co.lambda2}):")
+            print(format_table(rows))
         print(json.dumps({"config": args.config, "total_params": total, "inference_params": inference,
-                          "components": per, "aux_heads": list(model_cfg.co.aux_heads)}))  # fmt: skip
+                          "components": per, "aux_heads": list(model_cfg.co.aux_heads),
+                          "loss_weights": {r.key: r.effective for r in rows}}))  # fmt: skip
 
     run_main(run)
 

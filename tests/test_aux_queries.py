@@ -9,8 +9,9 @@ from torchvision.ops import box_iou
 from pipeline.models.aux_heads.base import AuxPositives
 from pipeline.models.aux_queries.groups import AuxQueryProjection, aux_decoder_losses, build_aux_groups
 from pipeline.models.box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
+from pipeline.models.config import CoConfig, ModelConfig
 from pipeline.models.layers.position_encoding import get_proposal_pos_embed
-from pipeline.models.loss_weights import co_loss_weights
+from pipeline.models.loss_weights import aux_decoder_weights, loss_weights, weigh
 
 NC = 5
 
@@ -137,10 +138,12 @@ def test_aux_decoder_losses_names_and_values():
     names = {f"{p}loss_{t}_aux1" for p in ["", "d0.", "d1.", "d2.", "d3.", "d4."] for t in ("cls", "bbox", "iou")}
     assert set(out) == names
     assert all(torch.isfinite(v) and v > 0 for v in out.values())
-    # L1: |pred - target| on positives only, / #positives, x 5
+    # L1: |pred - target| on positives only, / #positives (unweighted; x 5 with the table's weights)
     pos = group.box_weights.bool()
     l1 = (boxes[-1][pos] - group.targets[pos]).abs().sum() / pos.sum()
-    torch.testing.assert_close(out["loss_bbox_aux1"], 5 * l1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss_bbox_aux1"], l1, rtol=1e-5, atol=1e-6)
+    weighted = aux_decoder_losses(logits, boxes, group, SIZES, aux_decoder_weights(ModelConfig()), head_index=1)
+    torch.testing.assert_close(weighted["d2.loss_bbox_aux1"], 5 * out["d2.loss_bbox_aux1"])
     (sum(out.values())).backward()
     assert logits.grad.abs().sum() > 0 and boxes.grad.abs().sum() > 0
 
@@ -176,18 +179,32 @@ def test_aux_decoder_losses_without_positives_are_zero_box_losses():
 def test_lambda1_scales_aux_decoder_losses():
     group = build_aux_groups(_positives([5, 2]), SIZES, NC)
     logits, boxes = _outputs(group, layers=1)
-    base = aux_decoder_losses(logits, boxes, group, SIZES, weights=co_loss_weights(lambda1=1.0).aux_decoder)
-    half = aux_decoder_losses(logits, boxes, group, SIZES, weights=co_loss_weights(lambda1=0.5).aux_decoder)
+    w1 = aux_decoder_weights(ModelConfig(co=CoConfig(lambda1=1.0)))
+    base = aux_decoder_losses(logits, boxes, group, SIZES, weights=w1)
+    w_half = aux_decoder_weights(ModelConfig(co=CoConfig(lambda1=0.5)))
+    half = aux_decoder_losses(logits, boxes, group, SIZES, weights=w_half)
     for k in base:
         torch.testing.assert_close(half[k], 0.5 * base[k])
 
 
 def test_loss_weight_table_at_defaults_equals_authors():
-    w = co_loss_weights()
-    assert (w.atss.cls, w.atss.bbox, w.atss.centerness) == (12, 24, 12)
-    assert (w.rpn.cls, w.rpn.bbox, w.roi.cls, w.roi.bbox) == (12, 12, 12, 120)
-    assert (w.aux_decoder.cls, w.aux_decoder.bbox, w.aux_decoder.iou) == (1, 5, 2)
-    w2 = co_loss_weights(lambda1=2.0, lambda2=1.0, num_dec_layers=6)
-    assert (w2.atss.bbox, w2.roi.bbox, w2.aux_decoder.bbox) == (12, 60, 10)
+    w = loss_weights(ModelConfig())  # K = 2: Faster R-CNN is group 0, ATSS group 1
+    assert (w["loss_cls1"], w["loss_bbox1"], w["loss_centerness1"]) == (12, 24, 12)
+    assert (w["loss_rpn_cls"], w["loss_rpn_bbox"], w["loss_cls0"], w["loss_bbox0"]) == (12, 12, 12, 120)
+    for k in (0, 1):
+        for p in ("", "d0.", "d4."):
+            assert (w[f"{p}loss_cls_aux{k}"], w[f"{p}loss_bbox_aux{k}"], w[f"{p}loss_iou_aux{k}"]) == (1, 5, 2)
+    assert len(w) == 7 + 2 * 6 * 3
+    w2 = loss_weights(ModelConfig(co=CoConfig(lambda1=2.0, lambda2=1.0)))
+    assert (w2["loss_bbox1"], w2["loss_bbox0"], w2["loss_bbox_aux0"]) == (12, 60, 10)
+    # the config's base weights are live
+    from pipeline.config import replace
+
+    w3 = loss_weights(replace(ModelConfig(), **{"co.atss.bbox_weight": 1.0, "co.faster_rcnn.roi_bbox_weight": 5.0}))
+    assert (w3["loss_bbox1"], w3["loss_bbox0"]) == (12, 60)
     with pytest.raises(ValueError, match="lambda"):
-        co_loss_weights(lambda1=-1)
+        CoConfig(lambda1=-1)
+    # weigh: every loss term must be in the table; metrics pass through
+    assert weigh({"loss_cls1": 2.0, "acc0": 50.0}, w) == {"loss_cls1": 24.0, "acc0": 50.0}
+    with pytest.raises(KeyError, match="loss_foo"):
+        weigh({"loss_foo": 1.0}, w)

@@ -210,7 +210,7 @@ def test_rpn_drops_empty_boxes_and_caps_count():
 
 
 def test_rpn_loss_normaliser_and_valid_flags():
-    """Zero cls/reg convs: BCE = ln 2 on every sampled anchor, so loss = 12 ln2 * #sampled / avg_factor.
+    """Zero cls/reg convs: BCE = ln 2 on every sampled anchor, so loss = ln2 * #sampled / avg_factor (unweighted).
     Image 0 has a GT (#pos > 0), image 1 none: avg_factor = 256 + (1 + 256). Anchors beyond the small image's own
     padded extent (32 x 32 -> rows/cols >= 32 / stride) get no gradient."""
     head = _head()
@@ -225,7 +225,7 @@ def test_rpn_loss_normaliser_and_valid_flags():
     anchors = rpn.anchors(sizes, torch.device("cpu"))
     gt = [torch.tensor([[10.0, 12.0, 40.0, 50.0]]), torch.zeros(0, 4)]
     losses = rpn.loss(objectness, deltas, anchors, gt, torch.tensor([[64, 80], [32, 32]]))
-    expected = 12 * math.log(2) * (256 + 256) / (256 + 257)
+    expected = math.log(2) * (256 + 256) / (256 + 257)
     assert losses["loss_rpn_cls"].item() == pytest.approx(expected, rel=1e-5)
     assert losses["loss_rpn_bbox"].item() > 0
     losses["loss_rpn_cls"].backward()

@@ -184,13 +184,16 @@ def golden():
         model.train()
         heads = {h.name: h for h in model.aux_heads}
         heads["atss"].pad_size_divisor = 0
+        from pipeline.models.loss_weights import loss_weights, weigh  # heads return unweighted terms
+
+        weights = loss_weights(cfg)
         r["aux_losses"], r["aux_positives"] = {}, {}
         for name, head in heads.items():
             torch.manual_seed(0)
             losses, r["aux_positives"][name] = head.forward_train(r["adapter"], targets, sizes)
-            r["aux_losses"].update(losses)
+            r["aux_losses"].update(weigh(losses, weights))
         torch.manual_seed(1)  # another RPN / RoI draw
-        r["rcnn_redraw"], _ = heads["faster_rcnn"].forward_train(r["adapter"], targets, sizes)
+        r["rcnn_redraw"] = weigh(heads["faster_rcnn"].forward_train(r["adapter"], targets, sizes)[0], weights)
         model.eval()
         r["official"] = official
     return r

@@ -31,9 +31,10 @@ Name tables (CO_DETR_SPEC.md 8.2); the first matching rule wins. Deployed part (
 Training-only auxiliary part (`AUX_KEY_MAP`), mapped only onto the aux heads the target model has:
   query_head.transformer.aux_pos_trans{,_norm}.g.*   -> aux_query_proj.aux_pos_trans{,_norm}.{k}.*
   query_head.downsample.*                            -> adapter.downsample.*     (whenever K > 0)
+  per head, its row's `checkpoint` column of the head table (pipeline/models/aux_heads/table.py), e.g.
   rpn_head.* / roi_head.0.*                          -> aux_heads.{k}.rpn_head.* / aux_heads.{k}.roi_head.*
   bbox_head.0.*                                      -> aux_heads.{k}.*          (ATSS)
-Group g of the checkpoint is its g-th head in the authors' order (Faster R-CNN first, then ATSS) among the
+Group g of the checkpoint is its g-th head in the authors' order (RoI heads first, then dense heads) among the
 heads it holds; k is that head's index in our model. A K = 0 model skips every aux key, a K = 1 (ATSS) model
 loads aux_pos_trans.1 of a K = 2 checkpoint as its group 0; skipped keys are reported (`skipped_aux`).
 Dropped with a report: EMA copies (`ema_*`) and buffers that are no parameters (`num_batches_tracked`, FedLoss
@@ -63,7 +64,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-AUX_ORDER = ("faster_rcnn", "atss")  # the authors' aux group order: RoI heads first, then dense heads
+from pipeline.models.aux_heads.table import AUX_HEADS, group_order
+
+AUX_ORDER = tuple(group_order(list(AUX_HEADS)))  # the authors' aux group order: RoI heads first, then dense heads
 
 _DROPPED_BUFFERS = (r"\.num_batches_tracked$", r"\.fed_loss_weight$", r"\.relative_position_index$",
                     r"\.attn_mask$", r"^data_preprocessor\.")  # fmt: skip
@@ -107,12 +110,11 @@ AUX_KEY_MAP: dict[str, str] = {
     r"^query_head\.transformer\.pos_feats_trans\.(\d+)\.(.*)$": r"aux_query_proj.pos_feats_trans.{k}.\2",
     r"^query_head\.transformer\.pos_feats_norm\.(\d+)\.(.*)$": r"aux_query_proj.pos_feats_norm.{k}.\2",
     r"^query_head\.downsample\.(.*)$": r"adapter.downsample.\1",
-    r"^bbox_head\.0\.(.*)$": r"aux_heads.{k}.\1",
-    r"^rpn_head\.(.*)$": r"aux_heads.{k}.rpn_head.\1",
-    r"^roi_head\.0\.(.*)$": r"aux_heads.{k}.roi_head.\1",
+    # the heads' own keys, from the head table
+    **{pattern: "aux_heads.{k}." + ours for name in AUX_ORDER for pattern, ours in AUX_HEADS[name].checkpoint},
 }
 _HEAD_POS_EMBED = "query_head.transformer.head_pos_embed.weight"  # Co-Deformable (G, 1), rows = groups
-_AUX_OWNER = {r"^bbox_head\.": "atss", r"^rpn_head\.": "faster_rcnn", r"^roi_head\.": "faster_rcnn"}
+_AUX_OWNER = {pattern: name for name in AUX_ORDER for pattern, _ in AUX_HEADS[name].checkpoint}
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -290,9 +292,8 @@ def convert_checkpoint(
     """Map every key of an authors' state dict (see the module docstring); nothing raises here, the result
     lists unknown keys. aux_heads: the aux heads of the target model (ModelConfig.co.aux_heads, any order;
     () = K 0); out_indices: the target backbone's (Swin `norm{i}` -> `out_norms`)."""
-    ours = [h for h in AUX_ORDER if h in aux_heads]
-    theirs = tuple(h for h, pre in (("faster_rcnn", ("rpn_head.", "roi_head.")), ("atss", ("bbox_head.",)))
-                   if any(k.startswith(pre) for k in state_dict))  # fmt: skip
+    ours = group_order(list(aux_heads))  # our groups (repeats: the first group of a name takes its keys)
+    theirs = tuple(h for h in AUX_ORDER if any(re.match(p, k) for p, _ in AUX_HEADS[h].checkpoint for k in state_dict))
     conv = Conversion(checkpoint_aux_heads=theirs)
     if any(k.startswith("backbone.stages.") for k in state_dict):
         conv.backbone_format = "swin-mmdet"

@@ -17,7 +17,7 @@ selection, no DN), focal classification losses, binary encoder labels, and aux q
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pipeline.models.config import ModelConfig, TestConfig
 from pipeline.models.layers.padding_mask import padding_masks_from_sizes
-from pipeline.models.loss_weights import AuxDecoderWeights, co_loss_weights
+from pipeline.models.loss_weights import loss_weights, weigh
 from pipeline.models.query_head.denoising import CdnQueryGenerator, DenoisingQueries
 from pipeline.models.query_head.dino_head import DINOHead
 from pipeline.models.transformer.co_dino import CoDinoTransformer, EncoderOutput
@@ -74,7 +74,7 @@ class CoDETR(nn.Module):
         adapter: nn.Module | None = None,
         aux_query_proj: AuxQueryProjection | DeformableAuxQueryProjection | None = None,
         aux_group_size: tuple[int, int] = (9, 300),
-        aux_decoder_weights: AuxDecoderWeights | None = None,
+        aux_loss_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -90,8 +90,9 @@ class CoDETR(nn.Module):
         self.adapter = adapter
         self.aux_query_proj = aux_query_proj
         self.aux_group_size = aux_group_size
-        # effective (lambda1-scaled) aux-query loss weights, see loss_weights.py; default lambda1 = 1 (Co-DINO)
-        self.aux_decoder_weights = aux_decoder_weights or co_loss_weights().aux_decoder
+        # aux loss key -> effective weight (lambda1, lambda2, per-term bases), applied once in `aux_losses`;
+        # None = unweighted terms (build_model always passes loss_weights(cfg))
+        self.aux_loss_weights = dict(aux_loss_weights) if aux_loss_weights is not None else None
         if len(self.aux_heads) and (adapter is None or aux_query_proj is None):
             raise ValueError("aux heads need an adapter and an aux query projection")
 
@@ -185,12 +186,12 @@ class CoDETR(nn.Module):
     def aux_losses(
         self, enc: EncoderOutput, targets: list[dict[str, Tensor]], img_sizes: Tensor
     ) -> dict[str, Tensor]:
-        """Aux heads on the adapter maps, then one decoder pass per head's customized positive queries."""
+        """Aux heads on the adapter maps, then one decoder pass per head's customized positive queries; every
+        term comes back unweighted and is weighted here, once (`loss_weights.weigh`)."""
         from pipeline.models.aux_queries.groups import aux_decoder_losses, build_aux_groups
 
         assert self.adapter is not None and self.aux_query_proj is not None
         maps = self.adapter(enc.memory, enc.spatial_shapes)  # L + 1 maps (B, C, h, w)
-        weights = self.aux_decoder_weights
         focal = (self.head.focal_alpha, self.head.focal_gamma) if self.head.cls_loss == "focal" else None
         losses: dict[str, Tensor] = {}
         for k, aux_head in enumerate(self.aux_heads):
@@ -201,8 +202,9 @@ class CoDETR(nn.Module):
             hidden, refs = self.transformer.decode(query, group.boxes, enc, self.head.reg_branches,
                                                    query_pos=query_pos)  # fmt: skip
             logits, boxes = self.head.predict(hidden, refs)
-            losses.update(aux_decoder_losses(logits, boxes, group, img_sizes, weights, head_index=k, focal=focal))
-        return losses
+            losses.update(aux_decoder_losses(logits, boxes, group, img_sizes, head_index=k, focal=focal,
+                                             qfl_beta=self.head.qfl_beta))  # fmt: skip
+        return losses if self.aux_loss_weights is None else weigh(losses, self.aux_loss_weights)
 
     def _loss_targets(
         self, targets: list[dict[str, Tensor]], img_sizes: Tensor, batch_shape: torch.Size
@@ -329,48 +331,31 @@ def build_model(cfg: ModelConfig) -> CoDETR:
     aux_heads, adapter, proj = _build_aux(cfg)
     return CoDETR(
         backbone, neck, transformer, head, denoising, cfg.test, t.with_padding_mask, aux_heads, adapter, proj,
-        (cfg.co.min_pos_queries, cfg.co.max_pos_queries), aux_decoder_weights(cfg),
+        (cfg.co.min_pos_queries, cfg.co.max_pos_queries), loss_weights(cfg),
     )  # fmt: skip
-
-
-def aux_decoder_weights(cfg: ModelConfig) -> AuxDecoderWeights:
-    """The table's aux-query weights (x lambda1); Co-Deformable's classification term is its focal loss with the
-    main head's weight (2.0 x lambda1), as the authors reuse the head's `loss_cls`."""
-    w = co_loss_weights(cfg.co.lambda1, cfg.co.lambda2, cfg.co.num_dec_layers_factor).aux_decoder
-    if cfg.arch == "co_deformable_detr":
-        w = dataclasses.replace(w, cls=cfg.loss.cls_weight * cfg.co.lambda1)
-    return w
 
 
 def _build_aux(
     cfg: ModelConfig,
 ) -> tuple[list[nn.Module], nn.Module | None, AuxQueryProjection | DeformableAuxQueryProjection | None]:
-    """Aux heads in the authors' group order (RoI heads first, then dense heads), adapter and projections."""
+    """Aux heads from the head table (pipeline/models/aux_heads/table.py) in the authors' group order (RoI heads
+    first, then dense heads; repeats allowed, each its own group k), adapter and projections."""
     if not cfg.co.aux_heads:
         return [], None, None
+    import importlib
+
     from pipeline.models.aux_heads.adapter import MultiScaleAdapter
+    from pipeline.models.aux_heads.table import AUX_HEADS, AuxBuildContext, adapter_strides, group_order
     from pipeline.models.aux_queries.groups import AuxQueryProjection
-    from pipeline.models.loss_weights import co_loss_weights
 
-    weights = co_loss_weights(cfg.co.lambda1, cfg.co.lambda2, cfg.co.num_dec_layers_factor)
     deformable = cfg.arch == "co_deformable_detr"  # aux queries with coordinate features (spec 3.1 point 5)
-    order = [name for name in ("faster_rcnn", "atss") if name in cfg.co.aux_heads]
+    strides = adapter_strides(cfg.transformer.num_levels + 1)  # L memory maps + the adapter's extra level
     heads: list[nn.Module] = []
-    for k, name in enumerate(order):
-        if name == "atss":
-            from pipeline.models.aux_heads.atss import ATSSHead
-
-            a = cfg.co.atss
-            heads.append(ATSSHead(
-                cfg.num_classes, cfg.transformer.embed_dims, cfg.transformer.embed_dims, a.stacked_convs,
-                a.strides, a.anchor_scale, a.topk, a.coder_stds, weights.atss, loss_index=k,
-                focal_alpha=a.focal_alpha, focal_gamma=a.focal_gamma, with_coord_feat=deformable,
-            ))  # fmt: skip
-        else:
-            from pipeline.models.aux_heads.faster_rcnn import FasterRCNNHead
-
-            heads.append(FasterRCNNHead(cfg.num_classes, cfg.co.faster_rcnn, weights.rpn, weights.roi,
-                                        cfg.transformer.embed_dims, loss_index=k))  # fmt: skip
+    for k, name in enumerate(group_order(cfg.co.aux_heads)):
+        spec = AUX_HEADS[name]
+        module, fn = spec.builder.split(":")
+        ctx = AuxBuildContext(cfg.num_classes, cfg.transformer.embed_dims, strides, k, deformable)
+        heads.append(getattr(importlib.import_module(module), fn)(getattr(cfg.co, name), ctx))
     adapter = MultiScaleAdapter(cfg.transformer.embed_dims)  # L memory maps + 1 extra (Co-DINO 6, Co-Deform 5)
     if deformable:
         from pipeline.models.aux_queries.deformable_projection import DeformableAuxQueryProjection

@@ -6,7 +6,11 @@ YAML files are loaded by `pipeline.config` (`from_dict(ModelConfig, d)` / `load`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
+
+from pipeline.models.aux_heads.table import AUX_HEADS, ATSSConfig, FasterRCNNConfig, check_aux_heads
+
+__all__ = ["ATSSConfig", "CoConfig", "FasterRCNNConfig", "ModelConfig"]  # head configs live in the table
 
 ARCHS = ("co_dino", "co_deformable_detr")  # values of ModelConfig.arch
 
@@ -117,64 +121,36 @@ class TestConfig:
     score_threshold: float = 0.0  # drop detections with a score <= this (authors: 0)
 
 
-@dataclass(frozen=True)
-class ATSSConfig:
-    """ATSS auxiliary head [2.2]; loss weights are base weights, multiplied by lambda2 * num_dec_layers_factor."""
+def _head_configs() -> type:
+    """A frozen dataclass with one field per row of the aux-head table (`model.co.<name>`, its config class), the
+    base of CoConfig: a new head's config appears here without editing this file."""
+    fields = [(name, spec.config, field(default_factory=spec.config)) for name, spec in AUX_HEADS.items()]
+    cls = make_dataclass("AuxHeadConfigs", fields, frozen=True)
+    cls.__module__ = __name__
+    return cls
 
-    stacked_convs: int = 1  # conv+GN+ReLU per tower
-    anchor_scale: float = 8.0  # anchor size = scale * stride, ratio 1, one anchor per location
-    strides: tuple[int, ...] = (4, 8, 16, 32, 64, 128)  # adapter map strides
-    topk: int = 9  # ATSS candidates per level and GT
-    coder_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)  # DeltaXYWH target stds
-    focal_alpha: float = 0.25  # sigmoid focal loss alpha
-    focal_gamma: float = 2.0  # sigmoid focal loss gamma
-    cls_weight: float = 1.0  # x12 -> 12
-    bbox_weight: float = 2.0  # GIoU, x12 -> 24
-    centerness_weight: float = 1.0  # BCE, x12 -> 12
+
+AuxHeadConfigs = _head_configs()
 
 
 @dataclass(frozen=True)
-class FasterRCNNConfig:
-    """RPN + RoI head auxiliary head [2.3]; loss weights are base weights (x lambda2 * factor)."""
-
-    anchor_octave_base_scale: float = 4.0  # RPN anchor base scale
-    anchor_scales_per_octave: int = 3  # RPN scales per octave
-    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # RPN anchor ratios (9 anchors / location)
-    strides: tuple[int, ...] = (4, 8, 16, 32, 64, 128)  # adapter map strides
-    rpn_pos_iou: float = 0.7  # RPN MaxIoU positive threshold
-    rpn_neg_iou: float = 0.3  # RPN MaxIoU negative threshold
-    rpn_min_pos_iou: float = 0.3  # RPN low-quality match threshold
-    rpn_num_samples: int = 256  # RPN sampler size per image
-    rpn_pos_fraction: float = 0.5  # RPN sampler positive fraction
-    rpn_nms_pre: int = 4000  # proposals kept per level before NMS (training)
-    rpn_nms_iou: float = 0.7  # proposal NMS threshold
-    rpn_max_per_img: int = 1000  # proposals kept per image
-    rpn_cls_weight: float = 1.0  # BCE, x12
-    rpn_bbox_weight: float = 1.0  # L1 on deltas, x12
-    roi_pos_iou: float = 0.5  # RoI MaxIoU positive threshold (= negative, = min_pos)
-    roi_num_samples: int = 512  # RoI sampler size per image
-    roi_pos_fraction: float = 0.25  # RoI sampler positive fraction
-    roi_add_gt_as_proposals: bool = True  # GT boxes join the proposals
-    roi_output_size: int = 7  # RoIAlign output size
-    roi_finest_scale: int = 56  # level mapping scale (Co-Deformable 112)
-    roi_fc_dim: int = 1024  # Shared2FC hidden size
-    roi_coder_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)  # DeltaXYWH target stds
-    roi_cls_weight: float = 1.0  # softmax CE, x12
-    roi_bbox_weight: float = 10.0  # GIoU on decoded boxes, x12 -> 120
-
-
-@dataclass(frozen=True)
-class CoConfig:
-    """Collaborative hybrid assignment training [2.1, 3]."""
+class CoConfig(AuxHeadConfigs):  # type: ignore[misc, valid-type]
+    """Collaborative hybrid assignment training [2.1, 3]; plus one field per aux head of the table
+    (`atss: ATSSConfig`, `faster_rcnn: FasterRCNNConfig`, ...; pipeline/models/aux_heads/table.py)."""
 
     lambda1: float = 1.0  # weight of the aux-query decoder losses
     lambda2: float = 2.0  # weight of the aux heads (encoder) losses
-    aux_heads: tuple[str, ...] = ("atss", "faster_rcnn")  # K = len(aux_heads); () = plain DINO (K=0)
+    aux_heads: tuple[str, ...] = ("atss", "faster_rcnn")  # K = len(aux_heads) <= 6, repeats allowed; () = K=0
     min_pos_queries: int = 9  # aux query group size lower bound (padded with negatives)
     max_pos_queries: int = 300  # aux query group size upper bound
     num_dec_layers_factor: int = 6  # aux head weights are base * factor * lambda2 (= 12)
-    atss: ATSSConfig = field(default_factory=ATSSConfig)  # ATSS head numbers
-    faster_rcnn: FasterRCNNConfig = field(default_factory=FasterRCNNConfig)  # RPN + RoI head numbers
+
+    def __post_init__(self) -> None:
+        check_aux_heads(self.aux_heads)
+        if self.lambda1 < 0 or self.lambda2 < 0:
+            raise ValueError(f"model.co.lambda1 and lambda2 must be >= 0, got {self.lambda1}, {self.lambda2}")
+        if self.num_dec_layers_factor < 1:
+            raise ValueError(f"model.co.num_dec_layers_factor must be >= 1, got {self.num_dec_layers_factor}")
 
 
 @dataclass(frozen=True)
@@ -228,7 +204,4 @@ class ModelConfig:
             raise ValueError(f"model.test.nms must be 'soft', 'hard' or 'none', got {self.test.nms!r}")
         if self.backbone.norm not in ("frozen_bn", "bn"):
             raise ValueError(f"model.backbone.norm must be 'frozen_bn' or 'bn', got {self.backbone.norm!r}")
-        for name in self.co.aux_heads:
-            if name not in ("atss", "faster_rcnn"):
-                raise ValueError(f"unknown aux head {name!r} in model.co.aux_heads; expected 'atss' or 'faster_rcnn'")
 

@@ -8,11 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.models.aux_heads.table import class_param_keys
 from pipeline.train import checkpoint as ckpt_io
 
 # Substrings of the parameter names whose leading dimension is the class count (n, n+1 with background,
-# 4n class-specific boxes). Only these are remapped; everything else must match in shape.
-CLASS_PARAM_KEYS = ("cls_branches", "label_embedding", "atss_cls", "fc_cls", "fc_reg")
+# 4n class-specific boxes): the query head's, then every aux head's from the head table. Only these are
+# remapped; everything else must match in shape.
+CLASS_PARAM_KEYS = ("cls_branches", "label_embedding", *class_param_keys())
 
 
 def load_source(uri: str, tracking_uri: str | None = None) -> tuple[dict[str, torch.Tensor], list[dict] | None]:

@@ -11,11 +11,13 @@ padded extent ceil(size / d) * d (mmdet `valid_flags` with a per-image pad_shape
 with pad_size_divisor=32 would set it). ATSSAssigner(topk=9) on the valid anchors. Losses (the authors' keys
 with the head's index, default 1):
 
-  loss_cls{i}        = w_cls * sum focal(cls, onehot) over valid anchors / N,   N = reduce_mean(sum_b max(#pos_b, 1))
-  loss_bbox{i}       = w_bbox * sum c * (1 - GIoU(decode(anchor, delta), gt)) / max(reduce_mean(sum c), 1)
-  loss_centerness{i} = w_ctr * sum BCE(centerness logit, c) / N
+  loss_cls{i}        = sum focal(cls, onehot) over valid anchors / N,   N = reduce_mean(sum_b max(#pos_b, 1))
+  loss_bbox{i}       = sum c * (1 - GIoU(decode(anchor, delta), gt)) / max(reduce_mean(sum c), 1)
+  loss_centerness{i} = sum BCE(centerness logit, c) / N
 with c = centerness target of the positive anchor w.r.t. its GT, and decode = DeltaXYWH (stds 0.1, 0.1, 0.2, 0.2).
 mmdet sums per-level terms; summing all anchors at once is the same computation up to float summation order.
+The terms are unweighted; the table's weights (cls_weight 1, bbox_weight 2, centerness_weight 1, x lambda2 x 6)
+are applied by `loss_weights.weigh`.
 
 Export: AuxPositives(head="atss", coords = all anchors (N, 4) xyxy, labels (N,) bg = nc (also for invalid anchors),
 targets (N, 4) assigned GT xyxy (zeros for negatives), feats=None). With `with_coord_feat=True` (Co-Deformable,
@@ -33,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.models.aux_heads.base import AuxHead, AuxPositives
+from pipeline.models.aux_heads.table import ATSSConfig, AuxBuildContext
 from pipeline.models.box_ops import DeltaXYWHCoder, box_cxcywh_to_xyxy
-from pipeline.models.loss_weights import AtssWeights, co_loss_weights
 from pipeline.models.losses import giou_loss, reduce_mean, sigmoid_focal_loss, weight_reduce_loss
 from pipeline.models.task_modules.anchors import cached_grid_anchors, cached_valid_flags
 from pipeline.models.task_modules.atss_assigner import ATSSAssigner
@@ -87,7 +89,6 @@ class ATSSHead(AuxHead):
         anchor_scale: float = 8.0,
         topk: int = 9,
         target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2),
-        weights: AtssWeights | None = None,
         loss_index: int = 1,
         pad_size_divisor: int = 0,
         prior_prob: float = 0.01,
@@ -100,7 +101,6 @@ class ATSSHead(AuxHead):
         self.with_coord_feat = with_coord_feat  # export the adapter feature of every anchor (Co-Deformable)
         self.strides = tuple(int(s) for s in strides)
         self.anchor_scale = float(anchor_scale)
-        self.weights = weights if weights is not None else co_loss_weights().atss
         self.loss_index = loss_index  # suffix of the loss keys: the authors' K order, RoI heads first
         self.pad_size_divisor = pad_size_divisor
         self.focal_alpha = focal_alpha
@@ -262,7 +262,16 @@ class ATSSHead(AuxHead):
         loss_bbox = loss_bbox / bbox_avg_factor
         k = self.loss_index
         return {
-            f"loss_cls{k}": loss_cls * self.weights.cls,
-            f"loss_bbox{k}": loss_bbox * self.weights.bbox,
-            f"loss_centerness{k}": loss_ctr * self.weights.centerness,
+            f"loss_cls{k}": loss_cls,
+            f"loss_bbox{k}": loss_bbox,
+            f"loss_centerness{k}": loss_ctr,
         }
+
+
+def build(cfg: ATSSConfig, ctx: AuxBuildContext) -> ATSSHead:
+    """The table's builder (pipeline/models/aux_heads/table.py)."""
+    return ATSSHead(
+        ctx.num_classes, ctx.embed_dims, ctx.embed_dims, cfg.stacked_convs, ctx.strides_of(cfg.strides),
+        cfg.anchor_scale, cfg.topk, cfg.coder_stds, loss_index=ctx.loss_index, focal_alpha=cfg.focal_alpha,
+        focal_gamma=cfg.focal_gamma, with_coord_feat=ctx.with_coord_feat,
+    )  # fmt: skip

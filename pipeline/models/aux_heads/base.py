@@ -1,4 +1,4 @@
-"""Contract shared by the collaborative auxiliary heads (ATSS, Faster R-CNN).
+"""Contract shared by the collaborative auxiliary heads (ATSS, Faster R-CNN, RetinaNet, FCOS, GFL, ...).
 
 Every auxiliary head trains on the 6 multi-scale adapter maps and exports its positive (and negative)
 coordinates so that the query head can build customized positive queries (CO_DETR_SPEC.md 2.2, 2.3, 3.1).
@@ -37,8 +37,10 @@ class AuxHead(nn.Module):
       targets: list of B dicts with `boxes (N, 4)` cxcywh normalised by the unpadded size (h, w),
         `labels (N,)` int64 in [0, nc), `size (2,)` (h, w).
       img_sizes: (B, 2) long (h, w) of the unpadded network input.
-    Returns (losses, positives): losses are already weighted with the authors' weights (see
-    pipeline/models/loss_weights.py; weights are passed to the constructor).
+    Returns (losses, positives): losses are UNWEIGHTED terms named by the head's row of the table
+    (pipeline/models/aux_heads/table.py, with the head's group index k as suffix); `loss_weights.weigh` applies
+    base x num_dec_layers_factor x lambda2 once. Keys without "loss" are metrics (e.g. `acc0`).
+    A head is registered by a row of the table and built by its module's `build(cfg, ctx)`.
     """
 
     name: str = "aux"

@@ -7,15 +7,16 @@ composed head; the stages themselves live in `rpn.py` and `roi_head.py` and rece
 
 Loss keys (the authors' names; `k` = `loss_index`, 0 for the first RoI head, as in the authors' K order):
 
-| key             | term                                             | weight at lambda2 = 2 |
+| key             | term (unweighted; weights: loss_weights.weigh)   | weight at lambda2 = 2 |
 |-----------------|--------------------------------------------------|-----------------------|
-| loss_rpn_cls    | BCE objectness over sampled anchors              | 12                    |
-| loss_rpn_bbox   | L1 on encoded deltas of positive anchors         | 12                    |
+| loss_rpn_cls{r} | BCE objectness over sampled anchors              | 12                    |
+| loss_rpn_bbox{r}| L1 on encoded deltas of positive anchors         | 12                    |
 | loss_cls{k}     | softmax CE over sampled RoIs                     | 12                    |
 | loss_bbox{k}    | GIoU on decoded boxes, / number of sampled RoIs  | 120                   |
 | acc{k}          | RoI classification accuracy in % (a metric)      | none                  |
 
 `acc{k}` is detached and is NOT a loss: sum only the keys containing "loss" (mmdet's `parse_losses` rule).
+`{r}` is empty for group 0 (the authors' `loss_rpn_cls`) and k otherwise (a second Faster R-CNN head).
 
 Parameter names map onto the authors' checkpoint keys as
   `rpn_head.{rpn_conv,rpn_cls,rpn_reg}.*`        -> `rpn_head.{rpn_conv,rpn_cls,rpn_reg}.*` (same)
@@ -32,9 +33,8 @@ from torch import Tensor
 from pipeline.models.aux_heads.base import AuxHead, AuxPositives
 from pipeline.models.aux_heads.roi_head import RoIHead
 from pipeline.models.aux_heads.rpn import RPNHead
+from pipeline.models.aux_heads.table import AuxBuildContext, FasterRCNNConfig
 from pipeline.models.box_ops import box_cxcywh_to_xyxy
-from pipeline.models.config import FasterRCNNConfig
-from pipeline.models.loss_weights import RoiWeights, RpnWeights, co_loss_weights
 from pipeline.models.task_modules.max_iou_assigner import MaxIoUAssigner
 from pipeline.models.task_modules.random_sampler import RandomSampler
 
@@ -49,8 +49,7 @@ class FasterRCNNHead(AuxHead):
     and RPN anchors beyond ceil(size / pad_size_divisor) * pad_size_divisor are ignored (mmdet `valid_flags` on the
     per-image `pad_shape`; the authors' Co-DINO configs pad with size_divisor 1, hence the default 1).
     Positives: head "faster_rcnn"; the sampled RoIs (positives first), see `RoIHead.forward_train`.
-    Loss weights are the effective ones (default: `co_loss_weights()`, i.e. lambda2 = 2, 6 layers); the base
-    `*_weight` fields of FasterRCNNConfig are not read here (the builder turns them into RpnWeights / RoiWeights).
+    Losses are unweighted; the `*_weight` fields of FasterRCNNConfig are the table's base weights.
     """
 
     name = "faster_rcnn"
@@ -59,21 +58,18 @@ class FasterRCNNHead(AuxHead):
         self,
         num_classes: int = 80,
         cfg: FasterRCNNConfig | None = None,
-        rpn_weights: RpnWeights | None = None,
-        roi_weights: RoiWeights | None = None,
         in_channels: int = 256,
         loss_index: int = 0,
         pad_size_divisor: int = 1,
     ) -> None:
         super().__init__()
         cfg = cfg if cfg is not None else FasterRCNNConfig()
-        weights = co_loss_weights()
         rpn_assigner = MaxIoUAssigner(cfg.rpn_pos_iou, cfg.rpn_neg_iou, cfg.rpn_min_pos_iou, match_low_quality=True)
         roi_assigner = MaxIoUAssigner(cfg.roi_pos_iou, cfg.roi_pos_iou, cfg.roi_pos_iou, match_low_quality=False)
         self.rpn_head = RPNHead(
             assigner=rpn_assigner,
             sampler=RandomSampler(cfg.rpn_num_samples, cfg.rpn_pos_fraction, add_gt_as_proposals=False),
-            weights=rpn_weights if rpn_weights is not None else weights.rpn,
+            loss_suffix="" if loss_index == 0 else str(loss_index),
             in_channels=in_channels,
             feat_channels=in_channels,
             strides=cfg.strides,
@@ -89,7 +85,6 @@ class FasterRCNNHead(AuxHead):
             num_classes=num_classes,
             assigner=roi_assigner,
             sampler=RandomSampler(cfg.roi_num_samples, cfg.roi_pos_fraction, cfg.roi_add_gt_as_proposals),
-            weights=roi_weights if roi_weights is not None else weights.roi,
             in_channels=in_channels,
             strides=cfg.strides[:-1],
             output_size=cfg.roi_output_size,
@@ -109,6 +104,16 @@ class FasterRCNNHead(AuxHead):
         )
         positives = AuxPositives(head=self.name, coords=coords, labels=labels, targets=boxes, feats=pooled)
         return {**rpn_losses, **roi_losses}, positives
+
+
+def build(cfg: FasterRCNNConfig, ctx: AuxBuildContext) -> FasterRCNNHead:
+    """The table's builder (pipeline/models/aux_heads/table.py)."""
+    strides = ctx.strides_of(cfg.strides)
+    if strides != cfg.strides:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, strides=strides)
+    return FasterRCNNHead(ctx.num_classes, cfg, ctx.embed_dims, loss_index=ctx.loss_index)
 
 
 def gt_to_pixels(

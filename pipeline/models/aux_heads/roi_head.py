@@ -15,8 +15,8 @@ Box head (authors' keys `roi_head.0.bbox_head.*`): flatten 256*7*7 -> `shared_fc
 stds 0.1, 0.1, 0.2, 0.2). Init: shared_fcs Xavier-uniform, fc_cls N(0, 0.01), fc_reg N(0, 0.001), biases 0.
 
 Losses (mmdet `BBoxHead.loss`, no all-reduce), R = number of sampled RoIs in the batch:
-  loss_cls{k}  = w_cls  * sum CE(cls, label) / max(R, 1)
-  loss_bbox{k} = w_bbox * sum_pos (1 - GIoU(decode(roi, delta[label]), gt)) / R   (reg_decoded_bbox=True)
+  loss_cls{k}  = sum CE(cls, label) / max(R, 1)
+  loss_bbox{k} = sum_pos (1 - GIoU(decode(roi, delta[label]), gt)) / R   (reg_decoded_bbox=True)
   acc{k}       = 100 * mean(argmax cls == label), detached metric, not a loss.
 
 Export (`CoStandardRoIHead.loss`): M = min(2000, min_i #sampled RoIs of image i); per image the first M sampled
@@ -35,7 +35,6 @@ from torch import Tensor, nn
 
 from pipeline.models.box_ops import DeltaXYWHCoder
 from pipeline.models.layers.roi_align import roi_align
-from pipeline.models.loss_weights import RoiWeights
 from pipeline.models.losses import giou_loss, weight_reduce_loss
 
 if TYPE_CHECKING:
@@ -112,7 +111,6 @@ class RoIHead(nn.Module):
         num_classes: int,
         assigner: MaxIoUAssigner,
         sampler: RandomSampler,
-        weights: RoiWeights,
         in_channels: int = 256,
         strides: Sequence[int] = (4, 8, 16, 32, 64),
         output_size: int = 7,
@@ -126,7 +124,6 @@ class RoIHead(nn.Module):
         self.num_classes = num_classes
         self.assigner = assigner
         self.sampler = sampler
-        self.weights = weights
         self.strides = tuple(int(s) for s in strides)
         self.output_size = output_size
         self.finest_scale = float(finest_scale)
@@ -195,7 +192,7 @@ class RoIHead(nn.Module):
         else:
             loss_bbox = deltas[pos].sum()  # zero, keeps the graph (mmdet)
         return {
-            f"loss_cls{k}": self.weights.cls * loss_cls,
-            f"loss_bbox{k}": self.weights.bbox * loss_bbox,
+            f"loss_cls{k}": loss_cls,
+            f"loss_bbox{k}": loss_bbox,
             f"acc{k}": acc,
         }

@@ -10,8 +10,8 @@ Training targets (per image): anchors outside the image's own padded extent are 
 `pad_shape` = size rounded up to pad_size_divisor: 1 in the authors' configs (`Pad(size_divisor=1)`, and the mmdet 3
 `DetDataPreprocessor` default); `allowed_border=-1`). MaxIoUAssigner(0.7, 0.3, min_pos 0.3, low-quality matches)
 on the valid anchors, RandomSampler(256, 50% positives). Losses (mmdet `AnchorHead.loss_by_feat`, no all-reduce):
-  loss_rpn_cls  = w_cls  * sum_sampled BCE(logit, is_pos) / N,   N = sum_b max(#pos_b, 1) + max(#neg_b, 1)
-  loss_rpn_bbox = w_bbox * sum_pos |delta - encode(anchor, gt)|_1 / N      (coder means 0, stds 1)
+  loss_rpn_cls  = sum_sampled BCE(logit, is_pos) / N,   N = sum_b max(#pos_b, 1) + max(#neg_b, 1)
+  loss_rpn_bbox = sum_pos |delta - encode(anchor, gt)|_1 / N      (coder means 0, stds 1)
 mmdet sums per-level terms that share N; summing all anchors at once is the same up to float summation order.
 
 Proposals (mmdet `_predict_by_feat_single` + `_bbox_post_process`, train cfg `rpn_proposal`), per image, detached:
@@ -31,7 +31,6 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from pipeline.models.box_ops import DeltaXYWHCoder
-from pipeline.models.loss_weights import RpnWeights
 from pipeline.models.losses import weight_reduce_loss
 from pipeline.models.task_modules.anchors import anchor_scales, cached_grid_anchors, cached_valid_flags
 
@@ -47,7 +46,6 @@ class RPNHead(nn.Module):
         self,
         assigner: MaxIoUAssigner,
         sampler: RandomSampler,
-        weights: RpnWeights,
         in_channels: int = 256,
         feat_channels: int = 256,
         strides: Sequence[int] = (4, 8, 16, 32, 64, 128),
@@ -59,11 +57,12 @@ class RPNHead(nn.Module):
         max_per_img: int = 1000,
         min_bbox_size: float = 0.0,
         pad_size_divisor: int = 1,
+        loss_suffix: str = "",
     ) -> None:
         super().__init__()
         self.assigner = assigner
         self.sampler = sampler
-        self.weights = weights
+        self.loss_suffix = loss_suffix  # "" = the authors' keys; the group index for a second Faster R-CNN head
         self.strides = tuple(int(s) for s in strides)
         self.scales = anchor_scales(None, octave_base_scale, scales_per_octave)
         self.ratios = tuple(float(r) for r in ratios)
@@ -147,8 +146,8 @@ class RPNHead(nn.Module):
             bbox_sum = bbox_sum + (pred[i, pos] - box_targets).abs().sum()
             avg_factor += sampled.avg_factor
         return {
-            "loss_rpn_cls": self.weights.cls * weight_reduce_loss(cls_sum, avg_factor=avg_factor),
-            "loss_rpn_bbox": self.weights.bbox * weight_reduce_loss(bbox_sum, avg_factor=avg_factor),
+            f"loss_rpn_cls{self.loss_suffix}": weight_reduce_loss(cls_sum, avg_factor=avg_factor),
+            f"loss_rpn_bbox{self.loss_suffix}": weight_reduce_loss(bbox_sum, avg_factor=avg_factor),
         }
 
     def _pad_size(self, img_size: Tensor) -> tuple[int, int]:

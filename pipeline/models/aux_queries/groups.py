@@ -6,7 +6,8 @@
 2. `AuxQueryProjection`: content query = LayerNorm(Linear_{2C->C}(sine(inverse_sigmoid(box)))) per head
    (`aux_pos_trans.{i}`, `aux_pos_trans_norm.{i}`); the reference box is the group box itself.
 3. `aux_decoder_losses`: no matching; QFL (score = IoU of the detached prediction with its target on positives),
-   L1 on normalised cxcywh and GIoU on pixel xyxy, for every decoder layer, times lambda1. Co-Deformable
+   L1 on normalised cxcywh and GIoU on pixel xyxy, for every decoder layer, UNWEIGHTED (the model weighs them
+   with loss_weights.weigh: the one-to-one weights x lambda1). Co-Deformable
    (`cls_loss="focal"`): sigmoid focal loss (alpha 0.25, gamma 2) with the label weights instead of QFL.
 The Co-Deformable projection (with the coordinate-feature term) is `co_deformable.DeformableAuxQueryProjection`.
 """
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from pipeline.models.aux_heads.base import AuxPositives
 from pipeline.models.box_ops import aligned_iou, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from pipeline.models.layers.position_encoding import get_proposal_pos_embed
-from pipeline.models.loss_weights import AuxDecoderWeights, co_loss_weights
+from pipeline.models.loss_weights import AuxDecoderWeights, weigh
 from pipeline.models.losses import (
     giou_loss,
     l1_loss,
@@ -212,6 +213,7 @@ def _layer_losses(
     factors: Tensor,
     num_classes: int,
     focal: tuple[float, float] | None = None,
+    qfl_beta: float = 2.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One decoder layer: logits (B, M, nc), boxes (B, M, 4) normalised cxcywh, float32 -> unweighted
     (QFL, L1, GIoU); focal = (alpha, gamma) uses the sigmoid focal loss instead of QFL."""
@@ -222,7 +224,7 @@ def _layer_losses(
     else:
         scores = logits.new_zeros(t.labels.shape)
         scores[t.pos] = aligned_iou(box_cxcywh_to_xyxy(boxes[t.pos].detach()), t.pos_xyxy)
-        qfl = quality_focal_loss(logits, t.labels, scores, beta=2.0)
+        qfl = quality_focal_loss(logits, t.labels, scores, beta=qfl_beta)
         loss_cls = weight_reduce_loss(qfl, t.label_w, "mean", t.cls_avg)
     pred_px = box_cxcywh_to_xyxy(boxes) * factors
     loss_iou = giou_loss(pred_px, t.targets_px, weight=t.box_w4, avg_factor=t.box_avg)
@@ -238,15 +240,16 @@ def aux_decoder_losses(
     weights: AuxDecoderWeights | None = None,
     head_index: int = 0,
     focal: tuple[float, float] | None = None,
+    qfl_beta: float = 2.0,
 ) -> dict[str, Tensor]:
     """Losses of one aux group over all decoder layers (authors' `loss_single_aux`).
 
     cls_logits: (L, B, M, nc); boxes: (L, B, M, 4) sigmoid cxcywh normalised by the unpadded size; img_sizes:
-    (B, 2) (h, w). weights: effective (lambda1-scaled) weights, default co_loss_weights().aux_decoder.
-    Keys: last layer `loss_{cls,bbox,iou}_aux{k}`, others `d{l}.loss_{cls,bbox,iou}_aux{k}` (k = head_index,
-    group order RoI heads first). focal: (alpha, gamma) of the sigmoid focal loss replacing QFL (Co-Deformable).
+    (B, 2) (h, w). weights: None = unweighted terms (the model's path: CoDETR weighs all aux terms at once),
+    else effective weights applied with `loss_weights.weigh`. Keys: last layer `loss_{cls,bbox,iou}_aux{k}`,
+    others `d{l}.loss_{cls,bbox,iou}_aux{k}` (k = head_index, group order RoI heads first). focal: (alpha, gamma)
+    of the sigmoid focal loss replacing QFL (Co-Deformable); qfl_beta: the QFL exponent (LossConfig.qfl_beta).
     """
-    weights = weights if weights is not None else co_loss_weights().aux_decoder
     num_layers, b, m, nc = cls_logits.shape
     if boxes.shape[:3] != (num_layers, b, m) or group.labels.shape != (b, m):
         raise ValueError(
@@ -259,9 +262,10 @@ def aux_decoder_losses(
     targets = _group_targets(group, factors, nc)
     out: dict[str, Tensor] = {}
     for layer in range(num_layers):
-        lc, lb, li = _layer_losses(cls_logits[layer].float(), boxes[layer].float(), targets, factors, nc, focal)
+        lc, lb, li = _layer_losses(cls_logits[layer].float(), boxes[layer].float(), targets, factors, nc, focal,
+                                   qfl_beta)  # fmt: skip
         prefix = "" if layer == num_layers - 1 else f"d{layer}."
-        out[f"{prefix}loss_cls_aux{head_index}"] = lc * weights.cls
-        out[f"{prefix}loss_bbox_aux{head_index}"] = lb * weights.bbox
-        out[f"{prefix}loss_iou_aux{head_index}"] = li * weights.iou
-    return out
+        out[f"{prefix}loss_cls_aux{head_index}"] = lc
+        out[f"{prefix}loss_bbox_aux{head_index}"] = lb
+        out[f"{prefix}loss_iou_aux{head_index}"] = li
+    return out if weights is None else weigh(out, weights.keys(head_index, num_layers))
