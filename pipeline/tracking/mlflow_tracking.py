@@ -96,19 +96,18 @@ def log_and_register_model(
     metric_name: str = "val_AP",
     code_paths: list[str] | None = None,
 ) -> tuple[int, bool]:
-    """Log `model` (pickle serialisation with the package code) to the run, register it as a new version of
-    `registered_name` (so `models:/<name>/latest` resolves to it) and move alias `champion` only if
-    `metric_value` beats the current champion's. Returns (version, became_champion)."""
+    """Log the deployed form of `model` (K = 0) as the project's MLflow pyfunc (`pipeline/serving/pyfunc.py`:
+    signature, input example, categories from `model.categories`, preprocessing from the run's config.yaml) to
+    the run, register it as a new version of `registered_name` (so `models:/<name>/latest` resolves to it) and
+    move alias `champion` only if `metric_value` beats the current champion's. Returns (version, became_champion)."""
+    from pipeline.serving.pyfunc import log_pyfunc
+
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
+    preprocess = _run_preprocess(tracking_uri, run_id)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            serialization_format="pickle",
-            code_paths=code_paths,
-            pip_requirements=_pip_requirements(),
-        )
+        info = log_pyfunc(model, getattr(model, "categories", None), preprocess, name="model",
+                          code_paths=code_paths, pip_requirements=_pip_requirements())
     mv = mlflow.register_model(info.model_uri, registered_name)
     version = int(mv.version)
     client.set_model_version_tag(registered_name, str(version), metric_name, f"{metric_value:.6f}")
@@ -123,6 +122,21 @@ def log_and_register_model(
     if champion:
         client.set_registered_model_alias(registered_name, "champion", str(version))
     return version, champion
+
+
+def _run_preprocess(tracking_uri: str, run_id: str) -> Any:
+    """The eval preprocessing of the run's logged config.yaml (defaults if the run has none)."""
+    from pipeline.inference.preprocess import PreprocessConfig
+
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    except Exception:  # noqa: BLE001 - no config logged (e.g. a test's bare run): the defaults
+        return PreprocessConfig()
+    import yaml
+
+    from pipeline.config import JobConfig, from_dict
+
+    return PreprocessConfig.from_data(from_dict(JobConfig, yaml.safe_load(text)).data)
 
 
 def _pip_requirements() -> list[str]:
@@ -142,9 +156,15 @@ def normalize_model_uri(uri: str) -> str:
 
 def load_registered_model(uri: str, tracking_uri: str | None = None) -> Any:
     """`models:/name@alias`, `models:/name@latest`, `models:/name/3` or `runs:/<id>/model` -> the logged
-    nn.Module (eval mode)."""
+    nn.Module (eval mode): the deployed model of a pyfunc version, the whole module of an older
+    mlflow.pytorch one."""
+    from pipeline.serving.pyfunc import load_registered
+
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    loaded = load_registered(uri, tracking_uri)
+    if loaded is not None:
+        return loaded.model.eval()
     model = mlflow.pytorch.load_model(normalize_model_uri(uri), map_location="cpu")
     return model.eval()
 

@@ -1,0 +1,1 @@
+"""Serving: the MLflow pyfunc model logged with every registered version (`pyfunc.py`)."""
