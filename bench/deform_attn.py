@@ -1,20 +1,27 @@
-"""Deformable-attention kernel vs the per-level grid_sample reference, forward and forward+backward.
+"""Deformable-attention kernels timed against each other, forward and forward+backward.
 
-Run (CPU, ~1 minute; the encoder case is shrunk to half the image side):
+Run (CPU, a few minutes; the encoder case is shrunk to half the image side):
     cd /work/main && .venv/bin/python bench/deform_attn.py --scale 0.5
+The kernel against an older version of itself (a copy of deform_attn.py, e.g. from git):
+    git show HEAD~1:pipeline/models/layers/deform_attn.py > /tmp/deform_attn_old.py
+    .venv/bin/python bench/deform_attn.py --scale 0.5 --kernels pytorch,baseline --baseline /tmp/deform_attn_old.py
 Full Co-DINO R50 size on a GPU:
-    .venv/bin/python bench/deform_attn.py --device cuda --scale 1.0
+    .venv/bin/python bench/deform_attn.py --device cuda --scale 1.0 --kernels triton,pytorch,reference
 
 Shapes: 5 levels of an 800x1333 image (strides 4..64 -> (200,334),(100,167),(50,84),(25,42),(13,21):
 89,023 value tokens; without the stride-4 level it would be 22,223), C=256, 8 heads, Dh=32, 4 points.
 Cases: "decoder" (Q=900 queries, 4-d boxes) and "encoder" (Q=S, every token queries). --scale multiplies
-the image side, so the encoder case costs ~scale^4. Both kernels run in the same process, interleaved
-rep by rep; the table shows medians and ours/reference (below 1 = ours faster).
+the image side, so the encoder case costs ~scale^4. Kernels (--kernels, the first two are compared):
+pytorch / triton / reference (grid_sample) from pipeline.models.layers.deform_attn, baseline =
+`multi_scale_deformable_attn` of the file given by --baseline. All run in the same process, interleaved
+rep by rep; the table shows medians and first/second (below 1 = the first is faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import math
 import statistics
 import sys
@@ -24,10 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.models.layers.deform_attn import (  # noqa: E402
-    multi_scale_deformable_attn,
-    multi_scale_deformable_attn_reference,
-)
+from pipeline.models.layers.deform_attn import multi_scale_deformable_attn  # noqa: E402
 
 STRIDES = (4, 8, 16, 32, 64)
 
@@ -69,27 +73,55 @@ def _sync(device: torch.device) -> None:
 
 def run_once(fn, inputs, shapes, grad, backward: bool, device: torch.device, clock) -> float:
     value, loc, weights = (t.detach().requires_grad_(backward) for t in inputs)
+    hw = [tuple(p) for p in shapes.tolist()]  # the Python ints a model passes as spatial_hw
     _sync(device)
     start = clock()
     if backward:
-        fn(value, shapes, loc, weights).backward(grad)
+        fn(value, shapes, loc, weights, spatial_hw=hw).backward(grad)
     else:
         with torch.no_grad():
-            fn(value, shapes, loc, weights)
+            fn(value, shapes, loc, weights, spatial_hw=hw)
     _sync(device)
     return clock() - start
 
 
+def _without_hw(fn):
+    """An older kernel without the `spatial_hw` argument."""
+    return lambda value, shapes, loc, weights, spatial_hw: fn(value, shapes, loc, weights)
+
+
+def load_kernels(names: list[str], baseline: str | None) -> dict:
+    """name -> fn(value, spatial_shapes, sampling_locations, attention_weights, spatial_hw)."""
+    kernels = {}
+    for name in names:
+        if name == "baseline":
+            if not baseline:
+                raise SystemExit("--kernels baseline needs --baseline FILE")
+            spec = importlib.util.spec_from_file_location("deform_attn_baseline", baseline)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            kernels[name] = _without_hw(module.multi_scale_deformable_attn)
+        elif name in ("pytorch", "triton", "reference"):
+            kernels[name] = functools.partial(multi_scale_deformable_attn, impl=name)
+        else:
+            raise SystemExit(f"--kernels: unknown kernel {name!r}, expected pytorch, triton, reference, baseline")
+    if len(kernels) < 2:
+        raise SystemExit(f"--kernels needs at least two kernels to compare, got {names}")
+    return kernels
+
+
 def bench_case(case: str, args: argparse.Namespace, device: torch.device) -> list[tuple]:
-    shapes = level_shapes(args.scale)
+    shapes = level_shapes(args.scale).to(device)
     S = int(shapes.prod(1).sum())
     Q = S if case == "encoder" else args.queries
-    inputs = make_inputs(case, shapes, args.batch, Q, device)
-    kernels = {"ours": multi_scale_deformable_attn, "reference": multi_scale_deformable_attn_reference}
+    inputs = make_inputs(case, shapes.cpu(), args.batch, Q, device)
+    kernels = args.kernel_fns
+    first, second = list(kernels)[:2]
     # Sanity: same numbers before timing anything.
+    hw = [tuple(p) for p in shapes.tolist()]
     with torch.no_grad():
-        diff = (kernels["ours"](inputs[0], shapes, *inputs[1:]) -
-                kernels["reference"](inputs[0], shapes, *inputs[1:])).abs().max().item()
+        diff = (kernels[first](inputs[0], shapes, *inputs[1:], spatial_hw=hw) -
+                kernels[second](inputs[0], shapes, *inputs[1:], spatial_hw=hw)).abs().max().item()
     grad = torch.randn(args.batch, Q, 256, device=device)
     rows = []
     for backward in (False, True):
@@ -100,8 +132,7 @@ def bench_case(case: str, args: argparse.Namespace, device: torch.device) -> lis
                 if rep >= args.warmup:
                     times[name].append(t)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        rows.append((case, S, Q, "fwd+bwd" if backward else "fwd", med["ours"], med["reference"],
-                     med["ours"] / med["reference"], diff))
+        rows.append((case, S, Q, "fwd+bwd" if backward else "fwd", med, med[first] / med[second], diff))
     return rows
 
 
@@ -114,6 +145,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--queries", type=int, default=900, help="decoder queries")
     parser.add_argument("--cases", default="decoder,encoder", help="comma list of decoder,encoder")
+    parser.add_argument("--kernels", default="pytorch,reference",
+                        help="comma list of pytorch,triton,reference,baseline; the first two are compared")
+    parser.add_argument("--baseline", default=None, help="a deform_attn.py file to time as kernel 'baseline'")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
@@ -123,6 +157,7 @@ def main() -> None:
     if args.cpu_time and args.device != "cpu":
         parser.error(f"--cpu-time needs --device cpu, got --device {args.device}")
     args.clock = time.process_time if args.cpu_time else time.perf_counter
+    args.kernel_fns = load_kernels(args.kernels.split(","), args.baseline)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,12 +166,15 @@ def main() -> None:
     print(f"torch {torch.__version__} device={device} threads={torch.get_num_threads()} batch={args.batch} "
           f"scale={args.scale} clock={clock}")
     print(f"full 800x1333 image: {full} tokens, level shapes {level_shapes(1.0).tolist()}")
-    print(f"{'case':8} {'S':>7} {'Q':>7} {'pass':8} {'ours ms':>10} {'ref ms':>10} {'ours/ref':>9} "
-          f"{'max|diff|':>10}")
+    names = list(args.kernel_fns)
+    ratio_name = f"{names[0]}/{names[1]}"
+    print(f"{'case':8} {'S':>7} {'Q':>7} {'pass':8} " + " ".join(f"{n + ' ms':>13}" for n in names)
+          + f" {ratio_name:>18} {'max|diff|':>10}")
     for case in args.cases.split(","):
         for row in bench_case(case, args, device):
-            c, S, Q, kind, ours, ref, ratio, diff = row
-            print(f"{c:8} {S:7d} {Q:7d} {kind:8} {ours:10.1f} {ref:10.1f} {ratio:9.2f} {diff:10.2e}")
+            c, S, Q, kind, med, ratio, diff = row
+            print(f"{c:8} {S:7d} {Q:7d} {kind:8} " + " ".join(f"{med[n]:13.1f}" for n in names)
+                  + f" {ratio:18.3f} {diff:10.2e}")
 
 
 if __name__ == "__main__":

@@ -1,38 +1,72 @@
-"""Multi-scale deformable attention (Deformable DETR), pure PyTorch.
-
-Two kernels with the same signature and the same numbers:
+"""Multi-scale deformable attention (Deformable DETR): a readable reference, a PyTorch kernel, a Triton kernel.
 
 - `multi_scale_deformable_attn_reference`: the readable version. One `F.grid_sample` per level
   (bilinear, `align_corners=False`, zero padding, grid = 2 * loc - 1), then a weighted sum over
-  levels x points. Kept for tests and benchmarks.
-- `multi_scale_deformable_attn`: the one the model uses. Bilinear sampling is written as a weighted
-  gather: every (query, head, level, point) touches 4 corner pixels; all corner row indices and weights
-  (bilinear weight x attention weight, 0 for corners outside the map) are computed for all levels at
-  once, and one `F.embedding_bag(mode="sum")` gathers and sums them straight into the (B, Q, nH*Dh)
-  output, without materialising the (B*nH, Dh, Q, L*P) sampled tensor. The backward is written out by
-  hand (`_MSDeformAttnFunction`): value gradient as a sort + segment sum, corner-dot products through
-  embedding_bag's per-sample-weight gradient, location / attention-weight gradients in closed form.
-  Same function on CPU and CUDA. bench/deform_attn.py measures it against the reference.
+  levels x points. Used by the tests, the benchmarks and ONNX export.
+- `multi_scale_deformable_attn`: the one the model uses. It dispatches (see `deform_attn_impl`) to the Triton
+  kernel on CUDA (`deform_attn_triton.py`) and to the PyTorch kernel below elsewhere.
+- The PyTorch kernel (`_MSDeformAttnFunction`) writes bilinear sampling as a weighted gather: every (query,
+  head, level, point) touches 4 corner pixels; corner row indices and weights (bilinear x attention) are
+  computed for all levels at once, and one `F.embedding_bag(mode="sum")` gathers and sums them straight into
+  the (B, Q, nH*Dh) output. It saves only its inputs (value, sampling locations, attention weights) for
+  backward, like the authors' CUDA kernel, and recomputes the corners there: value gradient as a sort +
+  segment sum, corner-dot products through embedding_bag's per-sample-weight gradient, location /
+  attention-weight gradients in closed form. Corners outside their level get weight 0; in the value
+  gradient they go to a dummy row that is dropped, so they do not pile onto a real row.
+
+Precision: every kernel computes in float32 (float64 if an input is float64) whatever the input dtypes or
+autocast state, and returns the output in value's dtype and each gradient in its input's dtype.
+Host syncs: none per call when the caller passes `spatial_hw` (level sizes as Python ints); without it the
+sizes are read back from `spatial_shapes` once per call.
 
 `MultiScaleDeformableAttention` is mmcv's module (`mmcv/ops/multi_scale_deform_attn.py`, batch_first=True)
 with the same parameter names, init and residual.
 
-Notation: B batch, Q queries, S = sum_l h_l * w_l value tokens, nH heads, Dh = C / nH, L levels, P points.
+Notation: B batch, Q queries, S = sum_l h_l * w_l value tokens, nH heads, Dh = C / nH, L levels, P points,
+N = B*Q*nH bags (one per batch, query, head), J = L*P points per bag, R = B*S*nH value rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+SpatialHW = tuple[tuple[int, int], ...]  # (h, w) per level, Python ints
+
 _INT32_ROWS_LIMIT = 2**31  # corner rows are int32 below this (less memory, faster sort), else int64
+
+IMPLS = ("auto", "pytorch", "triton", "reference")
+_IMPL: contextvars.ContextVar[str] = contextvars.ContextVar("deform_attn_impl", default="auto")
+
+
+@contextlib.contextmanager
+def deform_attn_impl(name: str) -> Iterator[None]:
+    """Choose the kernel of every `multi_scale_deformable_attn` call inside the `with` block.
+
+    "auto" (default): Triton on CUDA when triton imports, else PyTorch; the grid_sample reference while
+    `torch.onnx.is_in_onnx_export()` or `torch.jit.is_tracing()`. "pytorch", "triton": that kernel.
+    "reference": the grid_sample version (exportable: plain ATen ops only), e.g. for ONNX export:
+        with deform_attn_impl("reference"):
+            torch.onnx.export(model, ...)
+    """
+    if name not in IMPLS:
+        raise ValueError(f"deform_attn_impl must be one of {IMPLS}, got {name!r}")
+    token = _IMPL.set(name)
+    try:
+        yield
+    finally:
+        _IMPL.reset(token)
 
 
 def _check_inputs(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
-                  attention_weights: Tensor) -> None:
+                  attention_weights: Tensor, spatial_hw: Sequence[Sequence[int]] | None = None) -> SpatialHW:
+    """Validate shapes; returns the level sizes as Python ints (read from `spatial_shapes` if not given)."""
     if value.dim() != 4:
         raise ValueError(f"value must be (B, S, nH, Dh), got shape {tuple(value.shape)}")
     B, S, nH, _ = value.shape
@@ -49,22 +83,29 @@ def _check_inputs(value: Tensor, spatial_shapes: Tensor, sampling_locations: Ten
     if tuple(spatial_shapes.shape) != (L, 2):
         raise ValueError(f"spatial_shapes must be ({L}, 2) (h, w) per level, "
                          f"got {tuple(spatial_shapes.shape)}")
-    total = int(spatial_shapes.prod(1).sum())
+    if spatial_hw is None:
+        hw = tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())  # one host sync on CUDA
+    else:
+        hw = tuple((int(h), int(w)) for h, w in spatial_hw)
+        if len(hw) != L or any(h < 1 or w < 1 for h, w in hw):
+            raise ValueError(f"spatial_hw must be {L} positive (h, w) pairs, got {spatial_hw}")
+    total = sum(h * w for h, w in hw)
     if total != S:
-        raise ValueError(f"spatial_shapes {spatial_shapes.tolist()} cover {total} tokens but value has S={S}")
+        raise ValueError(f"spatial_shapes {[list(p) for p in hw]} cover {total} tokens but value has S={S}")
+    return hw
 
 
 def multi_scale_deformable_attn_reference(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
-                                          attention_weights: Tensor) -> Tensor:
+                                          attention_weights: Tensor,
+                                          spatial_hw: Sequence[Sequence[int]] | None = None) -> Tensor:
     """Readable per-level `grid_sample` version (the semantics `multi_scale_deformable_attn` must match).
 
     Args: as `multi_scale_deformable_attn`.
     Returns: (B, Q, nH*Dh).
     """
-    _check_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+    hw = _check_inputs(value, spatial_shapes, sampling_locations, attention_weights, spatial_hw)
     B, S, nH, Dh = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    hw = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     per_level = value.split([h * w for h, w in hw], dim=1)  # L x (B, h*w, nH, Dh)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     sampled = []
@@ -78,75 +119,103 @@ def multi_scale_deformable_attn_reference(value: Tensor, spatial_shapes: Tensor,
     return out.view(B, nH * Dh, Q).transpose(1, 2).contiguous()
 
 
-def _level_wh(spatial_shapes: Tensor, num_points: int, device: torch.device) -> Tensor:
-    """(L*P, 2) long (w, h) of the level of each of the L*P sampling points of a bag."""
-    return spatial_shapes.to(device=device, dtype=torch.long).flip(-1).repeat_interleave(num_points, dim=0)
+# --------------------------------------------------------------------------------------- PyTorch kernel
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 if any input is float64 (bf16 / fp16 inputs are upcast)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
-def _bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_values: int
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """The kernels pick their own dtypes: autocast off inside them (only device types autocast knows)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_values: int, dtype: torch.dtype
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Corner rows and separable bilinear weights of every sampling point, all levels at once.
 
     A location x in [0, 1] on a level of width w sits at pixel u = x * w - 0.5 (align_corners=False); its
     corners floor(u) and floor(u) + 1 are weighted 1 - frac(u) and frac(u), and count as zero outside.
-    N = B*Q*nH bags (one per batch, query, head), J = L*P points per bag. Per-level constants are
-    expanded to (J, ...) so every elementwise op runs over long contiguous rows.
+    Per-level constants are built on the device from `spatial_shapes` (no host sync) and expanded to
+    (J, ...) so every elementwise op runs over long contiguous rows.
     Returns:
-        rows: (N, 4, J) int32 (int64 if B*S*nH is near 2**31): corners (y0x0, y0x1, y1x0, y1x1) as rows of
-            value.reshape(B*S*nH, Dh). A corner outside its level gets weight 0 and some in-range row.
-        wx, wy: (N, 2, J) weights of the (floor, floor + 1) corner along x / y, 0 where outside.
-        dwx, dwy: (N, 2, J) their derivatives by the pixel coordinate, (-1, +1), 0 where outside.
+        rows: (N, 4*J) int32 (int64 if R is near 2**31): corners (y0x0, y0x1, y1x0, y1x1) x J as rows of
+            value.reshape(R, Dh). A corner outside its level gets weight 0 and some in-range row.
+        wx, wy: (N, 2, J) weights of the (floor, floor + 1) corner along x / y in `dtype`, 0 where outside.
+        dwx, dwy: (N, 2, J) their derivatives by the location (pixel derivative (-1, +1) times the level's
+            w or h), 0 where outside.
     """
     B, Q, nH, L, P, _ = sampling_locations.shape
     N, J, S = B * Q * nH, L * P, num_values
-    device, dtype = sampling_locations.device, sampling_locations.dtype
-    num_rows = B * S * nH
-    idx = torch.int32 if num_rows + 4 * S * nH < _INT32_ROWS_LIMIT else torch.long
-    wh = _level_wh(spatial_shapes, P, device)  # (J, 2)
-    pix = sampling_locations.reshape(N, J, 2) * wh.to(dtype) - 0.5
+    R = B * S * nH
+    device = sampling_locations.device
+    idx = torch.int32 if R + 4 * S * nH < _INT32_ROWS_LIMIT else torch.long
+    hw = spatial_shapes.to(device=device, dtype=torch.long)
+    sizes = hw[:, 0] * hw[:, 1]
+    lim = hw.flip(-1).repeat_interleave(P, dim=0).to(idx)  # (J, 2) (w, h)
+    level_start = ((sizes.cumsum(0) - sizes) * nH).repeat_interleave(P).to(idx)  # (J,) first row per level
+    wh = lim.to(dtype)
+    pix = sampling_locations.reshape(N, J, 2).to(dtype) * wh - 0.5
     # Points far outside only need to stay outside (both corners masked, zero derivative): clamp to
     # [-2, w] so the integer row arithmetic below cannot overflow.
-    pix = torch.minimum(pix.clamp_(min=-2.0), wh.to(dtype))
+    pix = torch.minimum(pix.clamp_(min=-2.0), wh)
     floor = pix.floor()
     frac = pix - floor
     lo = floor.to(idx)
-    lim = wh.to(idx)
-    valid_lo = ((lo >= 0) & (lo < lim)).to(dtype)  # (N, J, 2)
-    valid_hi = ((lo >= -1) & (lo < lim - 1)).to(dtype)
-    w_lo, w_hi = (1 - frac) * valid_lo, frac * valid_hi
+    ok_lo = ((lo >= 0) & (lo < lim)).to(dtype)  # (N, J, 2): corner floor(u) inside
+    ok_hi = ((lo >= -1) & (lo < lim - 1)).to(dtype)  # corner floor(u) + 1 inside
+    w_lo, w_hi = (1 - frac) * ok_lo, frac * ok_hi
     wx = torch.stack([w_lo[..., 0], w_hi[..., 0]], 1)  # (N, 2, J)
     wy = torch.stack([w_lo[..., 1], w_hi[..., 1]], 1)
-    dwx = torch.stack([-valid_lo[..., 0], valid_hi[..., 0]], 1)
-    dwy = torch.stack([-valid_lo[..., 1], valid_hi[..., 1]], 1)
-    # Row of (b, token, head) in value.reshape(B*S*nH, Dh) is (b*S + token)*nH + head, and a level's token
-    # is level_start + y*w + x: x steps by nH rows, y by w*nH rows.
-    hw = spatial_shapes.to(device=device, dtype=torch.long)
-    sizes = hw[:, 0] * hw[:, 1]
-    level_start = ((sizes.cumsum(0) - sizes) * nH).repeat_interleave(P).to(idx)  # (J,)
+    d_lo, d_hi = ok_lo * wh, ok_hi * wh  # pixel = location * wh - 0.5
+    dwx = torch.stack([-d_lo[..., 0], d_hi[..., 0]], 1)
+    dwy = torch.stack([-d_lo[..., 1], d_hi[..., 1]], 1)
+    # Row of (b, token, head) in value.reshape(R, Dh) is (b*S + token)*nH + head, and a level's token is
+    # level_start + y*w + x: x steps by nH rows, y by w*nH rows.
     batch_head = torch.arange(B, device=device).view(B, 1, 1) * (S * nH) + torch.arange(nH, device=device)
     batch_head = batch_head.to(idx).expand(B, Q, nH).reshape(N, 1)
-    row_step = wh[:, 0].to(idx) * nH  # (J,)
+    row_step = lim[:, 0] * nH  # (J,)
     top_left = batch_head + level_start + lo[..., 1] * row_step + lo[..., 0] * nH  # (N, J)
     corner_step = torch.stack([torch.zeros_like(row_step), torch.full_like(row_step, nH), row_step,
                                row_step + nH])  # (4, J)
-    rows = (top_left.unsqueeze(1) + corner_step).clamp_(0, num_rows - 1)  # masked corners: any valid row
+    rows = (top_left.unsqueeze(1) + corner_step).view(N, 4 * J).clamp_(0, R - 1)  # masked: any valid row
     return rows, wx, wy, dwx, dwy
+
+
+def _corner_weights(wx: Tensor, wy: Tensor, attn: Tensor) -> Tensor:
+    """wx, wy: (N, 2, J); attn: (N, J) -> (N, 4*J) attn * wy * wx per corner (y0x0, y0x1, y1x0, y1x1)."""
+    N, _, J = wx.shape
+    return ((wy * attn.unsqueeze(1)).unsqueeze(2) * wx.unsqueeze(1)).view(N, 4 * J)
 
 
 def _scatter_to_rows(rows: Tensor, weights: Tensor, grad_out: Tensor, num_rows: int) -> Tensor:
     """Transpose of the weighted gather: grad_table[r] = sum of w[n, k] * grad_out[n] over rows[n, k] == r.
 
-    rows, weights: (N, K); grad_out: (N, Dh) -> (num_rows, Dh). Entries are grouped by row with one sort,
-    then summed per row by one embedding_bag (rows never touched get an empty bag, i.e. zero).
+    rows, weights: (N, K) with rows in [0, num_rows); grad_out: (N, Dh) -> (num_rows, Dh). Zero-weight
+    entries (corners outside their level, which all share some clamped row) go to a dummy bag num_rows that
+    is dropped, so no real row collects them. Entries are grouped by row with one sort, then summed per row
+    by one embedding_bag (rows never touched get an empty bag, i.e. zero). Bag starts come from `bincount`
+    on CPU and from `searchsorted` elsewhere (bincount reads its output size back to the host on CUDA).
     """
     K = rows.shape[1]
-    flat = rows.reshape(-1)
-    perm = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_rows)
-    offsets = counts.cumsum(0) - counts
+    flat = rows.masked_fill(weights == 0, num_rows).view(-1)
+    sorted_rows, perm = torch.sort(flat, stable=True)
+    if flat.device.type == "cpu":
+        counts = torch.bincount(flat, minlength=num_rows + 1)
+        offsets = counts.cumsum(0) - counts
+    else:
+        offsets = torch.searchsorted(sorted_rows, torch.arange(num_rows + 1, device=flat.device,
+                                                               dtype=flat.dtype))
     per_entry = weights.reshape(-1).index_select(0, perm)
     bags = perm.div_(K, rounding_mode="floor")  # entry -> the output row it came from
-    return F.embedding_bag(bags, grad_out, offsets, per_sample_weights=per_entry, mode="sum")
+    out = F.embedding_bag(bags, grad_out, offsets, per_sample_weights=per_entry, mode="sum")
+    return out[:num_rows]
 
 
 def _corner_dots(table: Tensor, rows: Tensor, weights: Tensor, grad_out: Tensor) -> Tensor:
@@ -163,7 +232,7 @@ def _corner_dots(table: Tensor, rows: Tensor, weights: Tensor, grad_out: Tensor)
 
 
 class _MSDeformAttnFunction(torch.autograd.Function):
-    """Gather kernel with closed-form gradients for sampling locations and attention weights."""
+    """Gather kernel; saves only its inputs and recomputes the corners in backward."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -171,69 +240,100 @@ class _MSDeformAttnFunction(torch.autograd.Function):
     ) -> Tensor:
         B, S, nH, Dh = value.shape
         _, Q, _, L, P, _ = sampling_locations.shape
-        N, J = B * Q * nH, L * P  # one bag of 4 x J corners per (batch, query, head)
-        rows, wx, wy, dwx, dwy = _bilinear_corners(spatial_shapes, sampling_locations, S)
-        attn = attention_weights.reshape(N, 1, J).to(wx.dtype)
-        corner_w = ((wy * attn).unsqueeze(2) * wx.unsqueeze(1)).view(N, 4 * J)  # (N, 2y, 2x, J) flattened
-        rows = rows.view(N, 4 * J)
-        corner_w = corner_w.to(value.dtype)
-        out = F.embedding_bag(rows, value.view(B * S * nH, Dh), per_sample_weights=corner_w, mode="sum")
-        ctx.save_for_backward(value, spatial_shapes, rows, corner_w, wx, wy, dwx, dwy, attn)
-        ctx.loc_shape_dtype = (sampling_locations.shape, sampling_locations.dtype)
-        ctx.attn_shape_dtype = (attention_weights.shape, attention_weights.dtype)
-        return out.view(B, Q, nH * Dh)
+        N, J = B * Q * nH, L * P
+        dtype = _compute_dtype(value, sampling_locations, attention_weights)
+        with _autocast_off(value.device):
+            rows, wx, wy, _, _ = _bilinear_corners(spatial_shapes, sampling_locations, S, dtype)
+            corner_w = _corner_weights(wx, wy, attention_weights.reshape(N, J).to(dtype))
+            table = value.reshape(B * S * nH, Dh).to(dtype)
+            out = F.embedding_bag(rows, table, per_sample_weights=corner_w, mode="sum")
+        ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
+        return out.view(B, Q, nH * Dh).to(value.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
         ctx, grad_out: Tensor
     ) -> tuple[Tensor | None, None, Tensor | None, Tensor | None]:
-        value, spatial_shapes, rows, corner_w, wx, wy, dwx, dwy, attn = ctx.saved_tensors
-        B, S, nH, Dh = value.shape
-        N, _, J = wx.shape
-        grad_out = grad_out.reshape(N, Dh)
-        table = value.view(B * S * nH, Dh)
+        value, spatial_shapes, sampling_locations, attention_weights = ctx.saved_tensors
         need_value, _, need_loc, need_attn = ctx.needs_input_grad
+        B, S, nH, Dh = value.shape
+        _, Q, _, L, P, _ = sampling_locations.shape
+        N, J, R = B * Q * nH, L * P, B * S * nH
+        dtype = _compute_dtype(value, sampling_locations, attention_weights)
         grad_value = grad_loc = grad_attn = None
-        if need_value:
-            grad_value = _scatter_to_rows(rows, corner_w, grad_out, table.shape[0]).view(B, S, nH, Dh)
-        if need_loc or need_attn:
-            # dots[n, i, j, p] = <grad_out[n], value at corner (y_i, x_j) of point p>. Corners outside the
-            # level drop out because their weights and weight derivatives are 0.
-            dots = _corner_dots(table, rows, corner_w, grad_out).view(N, 2, 2, J).to(wx.dtype)
-            dots_y = (dots * wx.unsqueeze(1)).sum(2)  # (N, 2y, J): bilinear in x done
-            if need_attn:
-                shape, dtype = ctx.attn_shape_dtype
-                grad_attn = (dots_y * wy).sum(1).view(shape).to(dtype)
-            if need_loc:
-                shape, dtype = ctx.loc_shape_dtype
-                grad_y = (dots_y * dwy).sum(1)  # d out / d pixel y, without the attention weight
-                grad_x = ((dots * wy.unsqueeze(2)).sum(1) * dwx).sum(1)
-                wh = _level_wh(spatial_shapes, shape[4], wx.device).to(wx.dtype)  # pixel = loc * wh - 0.5
-                grad_loc = torch.stack([grad_x, grad_y], -1) * attn.view(N, J, 1) * wh
-                grad_loc = grad_loc.view(shape).to(dtype)
+        with _autocast_off(value.device):
+            grad_out = grad_out.reshape(N, Dh).to(dtype)
+            rows, wx, wy, dwx, dwy = _bilinear_corners(spatial_shapes, sampling_locations, S, dtype)
+            attn = attention_weights.reshape(N, J).to(dtype)
+            corner_w = _corner_weights(wx, wy, attn)
+            if need_value:
+                grad_value = _scatter_to_rows(rows, corner_w, grad_out, R).view(B, S, nH, Dh).to(value.dtype)
+            if need_loc or need_attn:
+                # dots[n, i, j, p] = <grad_out[n], value at corner (y_i, x_j) of point p>. Corners outside
+                # the level drop out because their weights and weight derivatives are 0.
+                table = value.reshape(R, Dh).to(dtype)
+                dots = _corner_dots(table, rows, corner_w, grad_out).view(N, 2, 2, J)
+                del rows, corner_w, table
+                dots_y = (dots * wx.unsqueeze(1)).sum(2)  # (N, 2y, J): bilinear in x done
+                if need_attn:
+                    grad_attn = (dots_y * wy).sum(1).view(attention_weights.shape).to(attention_weights.dtype)
+                if need_loc:
+                    grad_y = (dots_y * dwy).sum(1)  # d out / d location y, without the attention weight
+                    grad_x = ((dots * wy.unsqueeze(2)).sum(1) * dwx).sum(1)
+                    grad_loc = torch.stack([grad_x, grad_y], -1) * attn.unsqueeze(-1)
+                    grad_loc = grad_loc.view(sampling_locations.shape).to(sampling_locations.dtype)
         return grad_value, None, grad_loc, grad_attn
 
 
+def _pick_impl(value: Tensor, impl: str | None) -> str:
+    name = _IMPL.get() if impl is None else impl
+    if name not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {name!r}")
+    if name != "auto":
+        return name
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return "reference"
+    if value.is_cuda:
+        from pipeline.models.layers import deform_attn_triton
+
+        if deform_attn_triton.triton_available():
+            return "triton"
+    return "pytorch"
+
+
 def multi_scale_deformable_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
-                                attention_weights: Tensor) -> Tensor:
-    """Multi-scale deformable attention core (no projections), fast pure-PyTorch gather kernel.
+                                attention_weights: Tensor, spatial_hw: Sequence[Sequence[int]] | None = None,
+                                impl: str | None = None) -> Tensor:
+    """Multi-scale deformable attention core (no projections).
 
     Numerically equal to `multi_scale_deformable_attn_reference` (per-level `grid_sample`, bilinear,
-    align_corners=False, zero padding): points outside a level sample zeros there.
+    align_corners=False, zero padding): points outside a level sample zeros there. Computes in float32
+    (float64 for float64 inputs) and returns value's dtype; saves only its inputs for backward.
 
     Args:
         value: (B, S, nH, Dh), levels concatenated along S in `spatial_shapes` order, row-major per level.
-        spatial_shapes: (L, 2) long, (h, w) per level; sum of h*w must equal S.
+        spatial_shapes: (L, 2) long, (h, w) per level, on value's device; sum of h*w must equal S.
         sampling_locations: (B, Q, nH, L, P, 2) as (x, y), normalised so [0, 1] spans each level; any value
             is allowed (outside -> zeros).
         attention_weights: (B, Q, nH, L, P), usually softmax-normalised over (L, P).
+        spatial_hw: the same (h, w) per level as Python ints (must agree with `spatial_shapes`); saves the
+            host sync that reading `spatial_shapes` back costs on CUDA.
+        impl: "pytorch", "triton", "reference" or "auto"; None = the `deform_attn_impl` context (default
+            "auto": Triton on CUDA, else PyTorch).
     Returns:
-        (B, Q, nH*Dh), heads concatenated.
+        (B, Q, nH*Dh), heads concatenated, in value's dtype.
     """
-    _check_inputs(value, spatial_shapes, sampling_locations, attention_weights)
-    return _MSDeformAttnFunction.apply(value.contiguous(), spatial_shapes, sampling_locations,
-                                       attention_weights)
+    hw = _check_inputs(value, spatial_shapes, sampling_locations, attention_weights, spatial_hw)
+    name = _pick_impl(value, impl)
+    if name == "reference":
+        return multi_scale_deformable_attn_reference(value, spatial_shapes, sampling_locations,
+                                                     attention_weights, hw)
+    if name == "triton":
+        from pipeline.models.layers.deform_attn_triton import multi_scale_deformable_attn_triton
+
+        return multi_scale_deformable_attn_triton(value, spatial_shapes, sampling_locations, attention_weights)
+    return _MSDeformAttnFunction.apply(value, spatial_shapes, sampling_locations, attention_weights)
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -279,7 +379,8 @@ class MultiScaleDeformableAttention(nn.Module):
 
     def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Tensor,
                 level_start_index: Tensor | None = None, value_padding_mask: Tensor | None = None,
-                query_pos: Tensor | None = None, identity: Tensor | None = None) -> Tensor:
+                query_pos: Tensor | None = None, identity: Tensor | None = None,
+                spatial_hw: Sequence[Sequence[int]] | None = None) -> Tensor:
         """Deformable attention from queries into the multi-level value map.
 
         Args:
@@ -290,6 +391,8 @@ class MultiScaleDeformableAttention(nn.Module):
             value_padding_mask: (B, S) bool, True = padding; those value tokens are zeroed.
             query_pos: (B, Q, C) added to the query for the offset / weight projections only.
             identity: (B, Q, C) residual; defaults to `query` (without query_pos).
+            spatial_hw: `spatial_shapes` as Python ints ((h, w) per level), if the caller has them: no host
+                sync in the kernel then.
         Returns:
             (B, Q, C) = dropout(output_proj(attention)) + identity.
         """
@@ -320,5 +423,5 @@ class MultiScaleDeformableAttention(nn.Module):
         else:
             raise ValueError(f"reference_points last dim must be 2 or 4, "
                              f"got shape {tuple(reference_points.shape)}")
-        out = multi_scale_deformable_attn(v, spatial_shapes, locations, weights)
+        out = multi_scale_deformable_attn(v, spatial_shapes, locations, weights, spatial_hw)
         return self.dropout(self.output_proj(out)) + identity

@@ -52,14 +52,16 @@ class DinoDecoderLayer(nn.Module):
         level_start_index: Tensor,
         padding_mask: Tensor | None,
         attn_mask: Tensor | None = None,
+        spatial_hw: tuple[tuple[int, int], ...] | None = None,
     ) -> Tensor:
         """query, query_pos: (B, Q, C); reference_points: (B, Q, L, 4) cxcywh scaled by the valid ratios;
-        memory: (B, S, C); attn_mask: (Q, Q) bool, True = blocked."""
+        memory: (B, S, C); attn_mask: (Q, Q) bool, True = blocked; spatial_hw: spatial_shapes as Python ints."""
         qk = query + query_pos
         query = query + self.self_attn(qk, qk, query, attn_mask=attn_mask, need_weights=False)[0]
         query = self.norm1(query)
         query = self.cross_attn(
-            query, reference_points, memory, spatial_shapes, level_start_index, padding_mask, query_pos=query_pos
+            query, reference_points, memory, spatial_shapes, level_start_index, padding_mask, query_pos=query_pos,
+            spatial_hw=spatial_hw,
         )
         query = self.norm2(query)
         return self.norm3(self.ffn(query))
@@ -103,6 +105,7 @@ class DinoDecoder(nn.Module):
         reg_branches: Sequence[nn.Module],
         attn_mask: Tensor | None = None,
         query_pos: Tensor | None = None,
+        spatial_hw: tuple[tuple[int, int], ...] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Run all layers.
 
@@ -110,12 +113,15 @@ class DinoDecoder(nn.Module):
         memory: (B, S, C); valid_ratios: (B, L, 2) (w, h); padding_mask: (B, S) True = pad;
         reg_branches: at least num_layers modules C -> 4 (refinement of layer l uses reg_branches[l]);
         attn_mask: (Q, Q) bool True = blocked (denoising groups); query_pos: (B, Q, C) fixed positional
-        query used *instead of* the per-layer `ref_point_head` embedding (None = Co-DINO behaviour).
+        query used *instead of* the per-layer `ref_point_head` embedding (None = Co-DINO behaviour);
+        spatial_hw: spatial_shapes as Python ints, read from spatial_shapes once here if not given.
         Returns hidden (num_layers, B, Q, C) after `norm` (the identity without a final norm), references
         (num_layers + 1, B, Q, 4): [initial, new_ref_0, ..., new_ref_{L-1}], the new refs not detached.
         """
         if query_pos is None and self.ref_point_head is None:
             raise ValueError("this decoder has no ref_point_head: pass a fixed query_pos")
+        if spatial_hw is None:
+            spatial_hw = tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, 1, L, 4)
         hidden, references = [], [reference_boxes]
         output = query
@@ -131,7 +137,8 @@ class DinoDecoder(nn.Module):
             else:
                 pos = query_pos
             output = layer(
-                output, pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, attn_mask
+                output, pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, attn_mask,
+                spatial_hw,
             )
             new_ref = (reg_branches[lid](output) + inverse_sigmoid(ref, eps=self.ref_eps)).sigmoid()
             ref = new_ref.detach()

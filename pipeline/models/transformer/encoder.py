@@ -50,10 +50,13 @@ class DeformableEncoderLayer(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         padding_mask: Tensor | None,
+        spatial_hw: tuple[tuple[int, int], ...] | None = None,
     ) -> Tensor:
-        """src, pos: (B, S, C); reference_points: (B, S, L, 2); padding_mask: (B, S) True = pad."""
+        """src, pos: (B, S, C); reference_points: (B, S, L, 2); padding_mask: (B, S) True = pad;
+        spatial_hw: spatial_shapes as Python ints (no host sync in the attention kernel)."""
         src = self.self_attn(
-            src, reference_points, src, spatial_shapes, level_start_index, padding_mask, query_pos=pos
+            src, reference_points, src, spatial_shapes, level_start_index, padding_mask, query_pos=pos,
+            spatial_hw=spatial_hw,
         )
         src = self.norm1(src)
         return self.norm2(self.ffn(src))
@@ -75,11 +78,15 @@ class DeformableEncoder(nn.Module):
         level_start_index: Tensor,
         valid_ratios: Tensor,
         padding_mask: Tensor | None,
+        spatial_hw: tuple[tuple[int, int], ...] | None = None,
     ) -> Tensor:
-        """src, pos: (B, S, C) flattened levels; valid_ratios: (B, L, 2) as (w, h). Returns memory (B, S, C)."""
+        """src, pos: (B, S, C) flattened levels; valid_ratios: (B, L, 2) as (w, h). Returns memory (B, S, C).
+        spatial_hw: spatial_shapes as Python ints; read from spatial_shapes once here if not given."""
+        if spatial_hw is None:
+            spatial_hw = tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
         for i, layer in enumerate(self.layers):
-            args = (src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            args = (src, pos, reference_points, spatial_shapes, level_start_index, padding_mask, spatial_hw)
             if i < self.checkpoint_layers and self.training and torch.is_grad_enabled():
                 src = checkpoint(layer, *args, use_reentrant=False)
             else:
