@@ -73,6 +73,27 @@ class FasterRCNNConfig:
     roi_bbox_weight: float = 10.0  # GIoU on decoded boxes, x12 -> 120
 
 
+@dataclass(frozen=True)
+class RetinaNetConfig:
+    """RetinaNet auxiliary head (paper Tables 1, 8; mmdet RetinaHead defaults, one stacked conv, GIoU on decoded
+    boxes); *_weight are base weights (x lambda2 * factor)."""
+
+    stacked_convs: int = 1  # conv+ReLU per tower (the original has 4; the authors' aux ATSS 1)
+    strides: tuple[int, ...] = ()  # adapter map strides (() = the adapter's)
+    octave_base_scale: float = 4.0  # anchor base scale (x stride)
+    scales_per_octave: int = 3  # scales 4 * 2^(i/3)
+    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # 9 anchors per location
+    pos_iou: float = 0.5  # MaxIoU positive threshold (>=)
+    neg_iou: float = 0.4  # MaxIoU negative threshold (<)
+    min_pos_iou: float = 0.0  # low-quality match threshold
+    coder_stds: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)  # DeltaXYWH stds (RetinaNet's)
+    prior_prob: float = 0.01  # classification bias prior
+    focal_alpha: float = 0.25  # sigmoid focal loss alpha
+    focal_gamma: float = 2.0  # sigmoid focal loss gamma
+    cls_weight: float = 1.0  # focal, x12
+    bbox_weight: float = 2.0  # GIoU on decoded boxes, x12 -> 24
+
+
 # ------------------------------------------------------------------------------------------------- the rows
 
 
@@ -127,6 +148,11 @@ _ROWS = (
                       "loss_centerness{k}": "centerness_weight"},
         class_params=("atss_cls",),
         checkpoint=((r"^bbox_head\.0\.(.*)$", r"\1"),),
+    ),
+    AuxHeadSpec(
+        name="retinanet", config=RetinaNetConfig, builder="pipeline.models.aux_heads.retinanet:build",
+        group="dense", loss_weights={"loss_cls{k}": "cls_weight", "loss_bbox{k}": "bbox_weight"},
+        class_params=("retina_cls",),  # no released checkpoint with this head: no key mapping
     ),
 )
 
