@@ -94,6 +94,25 @@ class RetinaNetConfig:
     bbox_weight: float = 2.0  # GIoU on decoded boxes, x12 -> 24
 
 
+@dataclass(frozen=True)
+class FCOSConfig:
+    """FCOS auxiliary head (paper Tables 1, 8; mmdet FCOS with centre sampling, norm_on_bbox, centerness on the
+    regression branch, GIoU; one stacked conv); *_weight are base weights (x lambda2 * factor)."""
+
+    stacked_convs: int = 1  # conv+GN+ReLU per tower
+    strides: tuple[int, ...] = ()  # adapter map strides (() = the adapter's)
+    regress_ranges: tuple[tuple[float, float], ...] = ()  # per level; () = (-1, 8s_0), (8s_0, 8s_1), ..., (.., inf)
+    center_sampling: bool = True  # positives only inside the GT's centre region
+    center_sample_radius: float = 1.5  # centre region half-size in strides
+    export_scale: float = 8.0  # exported query box: a square of export_scale x stride around the point
+    prior_prob: float = 0.01  # classification bias prior
+    focal_alpha: float = 0.25  # sigmoid focal loss alpha
+    focal_gamma: float = 2.0  # sigmoid focal loss gamma
+    cls_weight: float = 1.0  # focal, x12
+    bbox_weight: float = 1.0  # GIoU weighted by centerness targets, x12
+    centerness_weight: float = 1.0  # BCE, x12
+
+
 # ------------------------------------------------------------------------------------------------- the rows
 
 
@@ -153,6 +172,12 @@ _ROWS = (
         name="retinanet", config=RetinaNetConfig, builder="pipeline.models.aux_heads.retinanet:build",
         group="dense", loss_weights={"loss_cls{k}": "cls_weight", "loss_bbox{k}": "bbox_weight"},
         class_params=("retina_cls",),  # no released checkpoint with this head: no key mapping
+    ),
+    AuxHeadSpec(
+        name="fcos", config=FCOSConfig, builder="pipeline.models.aux_heads.fcos:build", group="dense",
+        loss_weights={"loss_cls{k}": "cls_weight", "loss_bbox{k}": "bbox_weight",
+                      "loss_centerness{k}": "centerness_weight"},
+        class_params=("conv_cls",),  # no released checkpoint with this head: no key mapping
     ),
 )
 
