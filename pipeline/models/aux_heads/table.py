@@ -113,6 +113,23 @@ class FCOSConfig:
     centerness_weight: float = 1.0  # BCE, x12
 
 
+@dataclass(frozen=True)
+class GFLConfig:
+    """GFL auxiliary head (paper Table 8; mmdet GFLHead: ATSS assignment, QFL, DFL + integral regression, GIoU;
+    one stacked conv); *_weight are base weights (x lambda2 * factor)."""
+
+    stacked_convs: int = 1  # conv+GN+ReLU per tower
+    strides: tuple[int, ...] = ()  # adapter map strides (() = the adapter's)
+    anchor_scale: float = 8.0  # anchor size = scale * stride, one anchor per location
+    topk: int = 9  # ATSS candidates per level and GT
+    reg_max: int = 16  # distance bins 0..reg_max (stride units)
+    qfl_beta: float = 2.0  # quality focal loss exponent
+    prior_prob: float = 0.01  # classification bias prior
+    cls_weight: float = 1.0  # QFL, x12
+    bbox_weight: float = 2.0  # GIoU, x12 -> 24
+    dfl_weight: float = 0.25  # distribution focal loss, x12 -> 3
+
+
 # ------------------------------------------------------------------------------------------------- the rows
 
 
@@ -178,6 +195,11 @@ _ROWS = (
         loss_weights={"loss_cls{k}": "cls_weight", "loss_bbox{k}": "bbox_weight",
                       "loss_centerness{k}": "centerness_weight"},
         class_params=("conv_cls",),  # no released checkpoint with this head: no key mapping
+    ),
+    AuxHeadSpec(
+        name="gfl", config=GFLConfig, builder="pipeline.models.aux_heads.gfl:build", group="dense",
+        loss_weights={"loss_cls{k}": "cls_weight", "loss_bbox{k}": "bbox_weight", "loss_dfl{k}": "dfl_weight"},
+        class_params=("gfl_cls",),  # no released checkpoint with this head: no key mapping
     ),
 )
 
