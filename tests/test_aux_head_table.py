@@ -57,23 +57,29 @@ def test_class_remap_keys_come_from_the_table():
         for sub in spec.class_params:
             hits = [k for k in keys if sub in k]
             assert hits, f"{name}: no parameter named like {sub!r}"
-            assert all(model.state_dict()[k].shape[0] % 4 in (0, 1) for k in hits)
 
 
-def test_six_atss_heads_train_step_every_parameter_gets_a_gradient_and_deploys_as_k0():
+@pytest.mark.parametrize(
+    ("heads", "config"),
+    [("[atss,faster_rcnn,retinanet,fcos,gfl,atss]", TINY),  # K = 6, every head, a repeat
+     ("[fcos,gfl,retinanet]", str(REPO / "configs/model/co_deformable_detr_tiny.yaml"))],  # coordinate features
+)
+def test_k_heads_train_step_every_parameter_gets_a_gradient_and_deploys_as_k0(heads, config):
     torch.manual_seed(0)
-    model = build_model(tiny("[atss,atss,atss,atss,atss,atss]")).train()
-    assert len(model.aux_heads) == 6 and len(model.aux_query_proj.aux_pos_trans) == 6
+    cfg = load_config(config, [f"model.co.aux_heads={heads}", "model.num_classes=4"]).model
+    model = build_model(cfg).train()
+    k = len(cfg.co.aux_heads)
+    assert len(model.aux_heads) == k and len(model.aux_query_proj.aux_pos_trans) == k
+    assert [h.name for h in model.aux_heads] == group_order(cfg.co.aux_heads)  # RoI heads first
     losses = model(*_batch())
-    for k in range(6):
-        keys = {f"loss_cls{k}", f"loss_bbox{k}", f"loss_centerness{k}", f"loss_cls_aux{k}", f"d0.loss_iou_aux{k}"}
-        assert keys <= set(losses)
+    for i in range(k):
+        assert {f"loss_cls{i}", f"loss_bbox{i}", f"loss_cls_aux{i}", f"d0.loss_iou_aux{i}"} <= set(losses)
     total = sum(v for n, v in losses.items() if "loss" in n)
     assert torch.isfinite(total)
     total.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing[:8]
-    k0 = build_model(tiny("[]"))
+    k0 = build_model(load_config(config, ["model.co.aux_heads=[]", "model.num_classes=4"]).model)
     deployed = model.inference_state_dict()
     assert {n: t.shape for n, t in deployed.items()} == {n: t.shape for n, t in k0.state_dict().items()}
     k0.load_state_dict(deployed)
