@@ -338,6 +338,11 @@ class JobConfig:
             raise ValueError(f"stage must be 'pretrain' or 'finetune', got {self.stage!r}")
         if self.dataset not in ("o365", "coco", "lvis"):
             raise ValueError(f"dataset must be 'o365', 'coco' or 'lvis', got {self.dataset!r}")
+        vit, aug = self.model.backbone.vit, self.data.augment
+        lsj_vit = self.model.backbone.name == "vit_authors" and vit.use_lsj and aug.policy == "lsj"
+        if lsj_vit and vit.img_size != aug.lsj_size:
+            raise ValueError(f"model.backbone.vit.img_size ({vit.img_size}) must equal data.augment.lsj_size "
+                             f"({aug.lsj_size}) with use_lsj: the global rotary grid is fixed at img_size / patch")
 
     @property
     def run_name(self) -> str:

@@ -289,9 +289,8 @@ def detections(
 
 def build_model(cfg: ModelConfig) -> CoDETR:
     """The one place that maps a ModelConfig to modules."""
-    from pipeline.models.backbones.timm_backbones import build_backbone
+    from pipeline.models.backbones.build import build_backbone, build_neck  # authors' ViT + SFP, or timm
     from pipeline.models.layers.position_encoding import SinePositionalEncoding
-    from pipeline.models.necks.channel_mapper import build_neck
     from pipeline.models.query_head.matcher import HungarianMatcher
     from pipeline.models.transformer.decoder import DinoDecoder, DinoDecoderLayer
     from pipeline.models.transformer.encoder import DeformableEncoder, DeformableEncoderLayer

@@ -10,16 +10,53 @@ from dataclasses import dataclass, field, make_dataclass
 
 from pipeline.models.aux_heads.table import AUX_HEADS, ATSSConfig, FasterRCNNConfig, check_aux_heads
 
-__all__ = ["ATSSConfig", "CoConfig", "FasterRCNNConfig", "ModelConfig"]  # head configs live in the table
+__all__ = ["ATSSConfig", "CoConfig", "FasterRCNNConfig", "ModelConfig", "ViTConfig"]  # head configs live in the table
 
 ARCHS = ("co_dino", "co_deformable_detr")  # values of ModelConfig.arch
+
+
+VIT_AUTHORS = "vit_authors"  # BackboneConfig.name of the authors' ViT (pipeline/models/backbones/vit.py) + SFP neck
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """The authors' ViT [6; golden fixture vit_l_sfp], used when `backbone.name: vit_authors`. Defaults: ViT-L of
+    the COCO recipe (`co_dino_5scale_vit_large_coco`); LVIS: window 16, global (2, 5, ..., 23), use_lsj, 1536."""
+
+    embed_dim: int = 1024  # C
+    depth: int = 24  # number of blocks (= the layer count of the layer-wise lr decay)
+    num_heads: int = 16  # attention heads (head dim 64)
+    patch_size: int = 16  # stride of the token grid
+    mlp_ratio: float = 8 / 3  # SwiGLU hidden = int(C * mlp_ratio) = 2730
+    window_size: int = 24  # window side in tokens of the non-global blocks (0: every block global)
+    global_blocks: tuple[int, ...] = (3, 7, 11, 15, 19, 23)  # blocks with global attention
+    use_lsj: bool = False  # global rotary table fixed at img_size / patch_size (LSJ: square padded inputs)
+    img_size: int = 1536  # training input side; only used with use_lsj (must equal the LSJ canvas)
+    pretrain_img_size: int = 512  # position embedding grid = pretrain_img_size / patch_size (32 x 32)
+    # EVA-02 weights the authors start from (`pretrained: true`: timm download; `weights:` a local/URI file)
+    pretrained_name: str = "eva02_large_patch14_448.mim_m38m_ft_in22k_in1k"
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % self.num_heads or self.embed_dim % 4:
+            raise ValueError(f"model.backbone.vit.embed_dim {self.embed_dim} must be a multiple of num_heads "
+                             f"{self.num_heads} and of 4 (SFP)")  # fmt: skip
+        if any(not 0 <= i < self.depth for i in self.global_blocks):
+            raise ValueError(f"model.backbone.vit.global_blocks {list(self.global_blocks)} must be block indices "
+                             f"in 0..{self.depth - 1} (depth {self.depth})")  # fmt: skip
+        if self.window_size < 0:
+            raise ValueError(f"model.backbone.vit.window_size must be >= 0, got {self.window_size}")
+        if self.use_lsj and self.img_size % self.patch_size:
+            raise ValueError(f"model.backbone.vit.img_size {self.img_size} must be a multiple of patch_size "
+                             f"{self.patch_size} with use_lsj")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
     """Image backbone [1.1 Backbone]."""
 
-    name: str = "resnet50"  # timm model name (or an alias known to pipeline/models/backbones/timm_backbones.py)
+    # timm model name (or an alias known to pipeline/models/backbones/timm_backbones.py), or "vit_authors": the
+    # authors' ViT configured by `vit` below, with their SFP neck (pipeline/models/backbones/build.py)
+    name: str = "resnet50"
     out_indices: tuple[int, ...] = (0, 1, 2, 3)  # stages returned: C2..C5 (strides 4..32)
     frozen_stages: int = 1  # stem + this many stages get no gradient (-1/0: nothing frozen)
     norm: str = "frozen_bn"  # "frozen_bn" (pretrained recipe) | "bn" (trainable, from-scratch recipe)
@@ -27,6 +64,7 @@ class BackboneConfig:
     weights: str | None = None  # optional path of a backbone state dict to load
     checkpointing: bool = False  # activation checkpointing inside the backbone (memory only)
     drop_path_rate: float = 0.0  # stochastic depth (Swin-L: 0.3..0.6, ViT-L: 0.4)
+    vit: ViTConfig = field(default_factory=ViTConfig)  # the authors' ViT (name "vit_authors" only)
 
 
 @dataclass(frozen=True)
@@ -93,6 +131,14 @@ class LossConfig:
     bbox_weight: float = 5.0  # L1 on normalised cxcywh
     iou_weight: float = 2.0  # GIoU on pixel xyxy
     iou_eps: float = 1e-6  # eps of the IoU used as the QFL target (mmdet bbox_overlaps)
+    # FedLoss (LVIS; pipeline/models/fed_loss.py): classification losses of the query head, ATSS and RoI heads
+    # restricted to the batch's GT classes + classes sampled by weight image_count ** power, up to num_classes
+    fed_loss: bool = False
+    fed_loss_num_classes: int = 50  # classes per iteration (GT classes always in, even beyond this)
+    fed_loss_power: float = 0.5  # weight = image_count ** power (Detic / detectron2: 0.5)
+    # per label: training images containing it; filled from the shards' manifest by the stage driver (empty:
+    # uniform weights, or the `fed_loss_weight` buffers of an imported checkpoint)
+    fed_loss_image_counts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -202,6 +248,12 @@ class ModelConfig:
             raise ValueError(f"embed_dims {t.embed_dims} is not divisible by num_heads {t.num_heads}")
         if self.test.nms not in ("soft", "hard", "none"):
             raise ValueError(f"model.test.nms must be 'soft', 'hard' or 'none', got {self.test.nms!r}")
+        counts = self.loss.fed_loss_image_counts
+        if self.loss.fed_loss and counts and len(counts) != self.num_classes:
+            raise ValueError(f"model.loss.fed_loss_image_counts has {len(counts)} entries, expected num_classes "
+                             f"{self.num_classes}")  # fmt: skip
+        if self.loss.fed_loss and self.loss.fed_loss_num_classes < 1:
+            raise ValueError(f"model.loss.fed_loss_num_classes must be >= 1, got {self.loss.fed_loss_num_classes}")
         if self.backbone.norm not in ("frozen_bn", "bn"):
             raise ValueError(f"model.backbone.norm must be 'frozen_bn' or 'bn', got {self.backbone.norm!r}")
 

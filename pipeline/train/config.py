@@ -14,6 +14,9 @@ class TrainConfig:
     lr: float = 2e-4  # AdamW learning rate (Co-DINO R50)
     weight_decay: float = 1e-4  # on every parameter, norms and embeddings included (mmcv default constructor)
     lr_mults: dict[str, float] = field(default_factory=lambda: {"backbone": 0.1})  # name substring -> lr factor
+    # > 0: layer-wise lr decay of the authors' ViT (0.8 in their ViT-L recipes): block i of N at decay ** (N - i),
+    # embeddings at decay ** (N + 1), the rest at 1; multiplies lr_mults (set lr_mults: {} as the authors)
+    layer_decay: float = 0.0
     clip_grad_norm: float = 0.1  # L2 max norm; 0 disables
     lr_steps: tuple[int, ...] = (11,)  # epochs after which lr *= lr_gamma (step schedule, no warmup for R50)
     lr_step_unit: Literal["epoch", "step"] = "epoch"  # unit of lr_steps

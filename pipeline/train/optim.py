@@ -10,24 +10,47 @@ from torch import nn
 from pipeline.train.config import TrainConfig
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_mults: Mapping[str, float]) -> list[dict]:
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, lr_mults: Mapping[str, float],
+    name_mults: Mapping[str, float] | None = None,
+) -> list[dict]:  # fmt: skip
     """One group per lr multiplier. A parameter takes the factor of the first key of `lr_mults` contained in its
-    name (e.g. "backbone" -> 0.1, and for Co-Deformable "sampling_offsets" / "reference_points" -> 0.1).
-    Weight decay applies to every parameter, norms and embeddings included, as the authors' mmcv constructor does.
+    name (e.g. "backbone" -> 0.1, and for Co-Deformable "sampling_offsets" / "reference_points" -> 0.1), times
+    its entry in `name_mults` (full parameter name -> factor, e.g. the ViT layer-wise decay), if any.
+    Weight decay applies to every parameter, norms and embeddings included, as the authors' mmcv constructor does
+    (their ViT-L LayerDecayOptimizerConstructor also decays the position embedding).
     Frozen parameters (requires_grad False) are left out."""
     groups: dict[float, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         mult = next((m for key, m in lr_mults.items() if key in name), 1.0)
+        if name_mults is not None:
+            mult *= name_mults.get(name, 1.0)
         groups.setdefault(mult, []).append(p)
     return [{"params": ps, "lr": lr * m, "initial_lr": lr * m, "lr_mult": m, "weight_decay": weight_decay}
             for m, ps in sorted(groups.items(), reverse=True)]
 
 
+def layer_decay_mults(model: nn.Module, decay: float) -> dict[str, float] | None:
+    """Per-parameter lr factors of the authors' layer-wise decay (`backbones.vit_lr_decay`) for a model whose
+    `backbone` is the authors' ViT (depth = the layer count); None when decay is 0 (off)."""
+    if decay == 0:
+        return None
+    from pipeline.models.backbones.vit import ViT
+    from pipeline.models.backbones.vit_lr_decay import layer_decay_multipliers
+
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, ViT):
+        raise ValueError(f"train.layer_decay={decay} needs the authors' ViT backbone (model.backbone.name: "
+                         f"vit_authors), got {type(backbone).__name__}; set train.layer_decay: 0")  # fmt: skip
+    return layer_decay_multipliers(model, decay, backbone.depth)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr_scale: float = 1.0) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.lr * lr_scale, cfg.weight_decay, cfg.lr_mults),
-                             lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay)
+    groups = param_groups(model, cfg.lr * lr_scale, cfg.weight_decay, cfg.lr_mults,
+                          layer_decay_mults(model, cfg.layer_decay))  # fmt: skip
+    return torch.optim.AdamW(groups, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, epoch: int, cfg: TrainConfig) -> float:
