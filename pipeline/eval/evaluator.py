@@ -1,8 +1,13 @@
-"""Evaluation during training and from `jobs/evaluate.py`: every worker predicts its part of the val split,
-predictions are gathered on rank 0, which scores them against the ground truth read from the shards."""
+"""Evaluation during training and from `jobs/evaluate.py`: every worker predicts its part of the val split
+(bf16 autocast on GPU, fp32 post-processing), keeps the top `max_dets` detections per image and sends them as
+NumPy arrays (`Detections`) to rank 0 only, which scores them against the ground truth read from the shards.
+
+Every val image is predicted exactly once: the trainer splits "val" with `streaming_split(equal=False)`
+(`pipeline.eval.val_split`); Ray Train's default `equal=True` drops rows to equalise the workers."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterable
 from typing import Any
@@ -12,7 +17,8 @@ import torch
 from torch import nn
 
 from pipeline import dist as pcoll
-from pipeline.eval.coco_eval import coco_gt_from_rows, detections_to_coco, evaluate_boxes
+from pipeline.eval.coco_eval import coco_gt_from_rows, default_max_dets, evaluate_boxes
+from pipeline.eval.detections import Detections
 
 
 @functools.lru_cache(maxsize=4)
@@ -38,42 +44,88 @@ def restrict_gt(gt: dict[str, Any], image_ids: Iterable[int]) -> dict[str, Any]:
             "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
 
 
+def forward_detections(model: nn.Module, batch: Any) -> list[dict[str, torch.Tensor]]:
+    """The eval-mode model on one batch: list of B dicts boxes (K, 4) xyxy source pixels, scores (K,), labels (K,).
+
+    On CUDA the network runs under bf16 autocast and the post-processing (sigmoid, top-k, box scaling, NMS)
+    in fp32 on the outputs cast back to fp32; on the CPU everything runs in fp32. This is `CoDETR.predict` with the
+    autocast boundary between `run` and `detections` (tests/test_eval_scale.py checks that the CPU path equals
+    `model(...)` exactly); modules without `run` are called as they are, under the same autocast."""
+    from pipeline.models.co_detr import detections, source_scales
+
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    images, masks, targets = batch.images, batch.masks, batch.targets
+    amp = images.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp) if amp else contextlib.nullcontext()
+    if not all(hasattr(net, a) for a in ("run", "image_sizes", "test_cfg", "with_padding_mask")):
+        with autocast:
+            preds = net(images, masks, targets)
+        return [{k: v.float() if v.is_floating_point() else v for k, v in p.items()} for p in preds]
+    sizes = net.image_sizes(images, masks, targets, None)
+    run_sizes = sizes
+    if not net.with_padding_mask:  # LSJ: boxes are normalised by the padded canvas (as CoDETR.predict)
+        run_sizes = torch.tensor([list(images.shape[-2:])] * images.shape[0], device=images.device)
+    with autocast:
+        out = net.run(images, run_sizes)
+    return detections(out.logits[-1].float(), out.boxes[-1].float(), run_sizes, net.test_cfg,
+                      source_scales(targets, sizes))
+
+
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[Any], max_images: int = 0) -> list[tuple[int, dict[str, np.ndarray]]]:
-    """(image_id, {boxes xyxy original pixels, scores, labels}) for every image of `batches`."""
+    """(image_id, {boxes xyxy original pixels, scores, labels}) for every image of `batches` (the first
+    `max_images` if > 0; the rest of `batches` is still consumed: streaming splits expect every consumer to
+    finish)."""
     was_training = model.training
     model.eval()
     out: list[tuple[int, dict[str, np.ndarray]]] = []
-    for batch in batches:  # consumed to the end even past max_images: streaming splits expect every consumer to
-        if max_images and len(out) >= max_images:  # finish
+    for batch in batches:
+        if max_images and len(out) >= max_images:
             continue
-        preds = model(batch.images, batch.masks, batch.targets)
+        preds = forward_detections(model, batch)
         for t, p in zip(batch.targets, preds):
-            out.append((int(t["image_id"]), {k: v.detach().float().cpu().numpy() for k, v in p.items()}))
+            if max_images and len(out) >= max_images:
+                break
+            out.append((int(t["image_id"]), {k: v.detach().cpu().numpy() for k, v in p.items()}))
     model.train(was_training)
     return out
 
 
-def score(predictions: list[tuple[int, dict[str, np.ndarray]]], gt: dict[str, Any], protocol: str,
+def predict_detections(model: nn.Module, batches: Iterable[Any], max_dets: int, max_images: int = 0) -> Detections:
+    """`predict`, capped to the top `max_dets` detections per image, as compact arrays (what a worker sends)."""
+    return Detections.from_predictions(predict(model, batches, max_images), max_dets)
+
+
+def score(predictions: Detections | list[tuple[int, dict[str, np.ndarray]]], gt: dict[str, Any], protocol: str,
           max_dets: int) -> dict[str, float]:
-    cat_ids = [c["id"] for c in gt["categories"]]
-    ids = [i for i, _ in predictions]
-    dets = detections_to_coco([p for _, p in predictions], ids, cat_ids)
-    return evaluate_boxes(restrict_gt(gt, ids), dets, protocol, max_dets)
+    """Box AP of the predicted images (the ground truth restricted to them)."""
+    max_dets = default_max_dets(protocol, max_dets)
+    dets = predictions if isinstance(predictions, Detections) else Detections.from_predictions(predictions)
+    dets = dets.capped(max_dets)
+    results = dets.coco_results([c["id"] for c in gt["categories"]])
+    return evaluate_boxes(restrict_gt(gt, dets.images.tolist()), results, protocol, max_dets)
 
 
 def evaluate_distributed(model: nn.Module, val_shard: Any, job: Any, categories: list[dict], shards_uri: str,
                          device: torch.device, rank: int, world: int) -> dict[str, float]:
-    """Val AP with predictions from every worker; metrics (prefixed `val/`) returned on rank 0, {} elsewhere."""
+    """Val AP with predictions from every worker; metrics (prefixed `val/`) returned on rank 0, {} elsewhere.
+
+    Each worker caps its detections to `eval.max_dets` per image and sends them as arrays to rank 0 only."""
+    dets = gather_detections(model, val_shard, job, device, world)
+    if rank != 0 or dets is None:
+        return {}
+    gt = gt_from_shards(shards_uri, job.data.val_split)
+    metrics = score(dets, gt, job.eval.protocol, job.eval.max_dets)
+    return {f"val/{k}": v for k, v in metrics.items()}
+
+
+def gather_detections(model: nn.Module, val_shard: Any, job: Any, device: torch.device,
+                      world: int) -> Detections | None:
+    """Every worker's capped detections of its part of `val_shard`, concatenated on rank 0 (None elsewhere)."""
     from pipeline.data.loader import iter_batches
 
     batches = iter_batches(val_shard, job.eval.batch_size, device, size_divisor=job.data.size_divisor)
-    per_worker = job.eval.max_images // world if job.eval.max_images else 0
-    local = predict(model, batches, per_worker)
-    parts = pcoll.gather_objects(local, dst=0) if world > 1 else [local]  # to rank 0 only
-    if rank != 0 or parts is None:
-        return {}
-    local = [p for part in parts for p in part]
-    gt = gt_from_shards(shards_uri, job.data.val_split)
-    metrics = score(local, gt, job.eval.protocol, job.eval.max_dets)
-    return {f"val/{k}": v for k, v in metrics.items()}
+    per_worker = -(-job.eval.max_images // world) if job.eval.max_images else 0
+    local = predict_detections(model, batches, default_max_dets(job.eval.protocol, job.eval.max_dets), per_worker)
+    parts = pcoll.gather_objects(local, dst=0)  # rank 0 only; [local] outside a process group
+    return None if parts is None else Detections.concat(parts)

@@ -1,4 +1,8 @@
-"""Single-process evaluation of a checkpoint or registered model on a shard split (jobs/evaluate.py)."""
+"""Loading a checkpoint or registered model for evaluation, and in-process evaluation on a shard split.
+
+jobs/evaluate.py and the chain evaluate on Ray workers (`pipeline.eval.ray_eval.evaluate_on_ray`, which loads the
+model with `load_model_for_eval` inside each actor); `evaluate_model` runs the same prediction and scoring in
+this process (notebooks, and the reference the Ray path is tested against)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import torch
 from torch import nn
 
 from pipeline.config import JobConfig
-from pipeline.eval.evaluator import gt_from_shards, predict, score
+from pipeline.eval.coco_eval import default_max_dets
+from pipeline.eval.evaluator import gt_from_shards, predict_detections, score
 
 
 def load_model_for_eval(uri: str, job: JobConfig, tracking_uri: str | None = None) -> tuple[nn.Module, list | None]:
@@ -46,6 +51,7 @@ def evaluate_model(model: nn.Module, job: JobConfig, split: str | None = None, d
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=job.eval.batch_size,
                                          collate_fn=lambda s: collate_samples(s, job.data.size_divisor))
     model.to(device)
-    preds = predict(model, (b.to(device) for b in loader))
-    metrics = score(preds, gt_from_shards(job.data.shards, split), job.eval.protocol, job.eval.max_dets)
+    max_dets = default_max_dets(job.eval.protocol, job.eval.max_dets)
+    dets = predict_detections(model, (b.to(device) for b in loader), max_dets)
+    metrics = score(dets, gt_from_shards(job.data.shards, split), job.eval.protocol, job.eval.max_dets)
     return {f"{split}/{k}": v for k, v in metrics.items()}
