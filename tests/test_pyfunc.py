@@ -23,7 +23,7 @@ import torch
 from pipeline.config import dump_yaml, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = ["model.num_classes=3", "data.eval_size=[64,96]", "data.augment.policy=detr"]
+TINY_MODEL = ["model.num_classes=3", "data.eval_size=[96,128]", "data.augment.policy=detr"]
 CATEGORIES = [{"id": 11, "name": "cat"}, {"id": 22, "name": "dog"}, {"id": 33, "name": "bird"}]
 
 
@@ -75,11 +75,12 @@ def test_pyfunc_load_model_predict_equals_in_memory(registered):
     deployed = python_model.loaded.model
     assert len(deployed.aux_heads) == 0 and deployed.adapter is None  # K = 0 weights only
     assert set(deployed.state_dict()) == set(registered["model"].inference_state_dict())
-    assert python_model.loaded.preprocess.eval_size == (64, 96)  # from the run's config.yaml
+    assert python_model.loaded.preprocess.eval_size == (96, 128)  # from the run's config.yaml
 
     images = [_png(1, 50, 70), _png(2, 90, 60)]
-    df = pd.DataFrame({"image": [images[0], b"not an image", images[1]]})
+    df = pd.DataFrame({"image": [images[0], b"not an image", images[1], _png(9, 8, 200)]})
     out = pyfunc.predict(df)
+    assert "cannot select" in out.loc[3, "error"]  # 8x200 px -> 5x128: fewer encoder tokens than queries: a row error
     assert list(out.columns) == ["boxes", "scores", "labels", "category_ids", "category_names", "error"]
     assert out.loc[1, "error"].startswith("row 1: cannot decode") and len(out.loc[1, "boxes"]) == 0
     want = _in_memory(registered["model"], registered["job"], images)
@@ -90,7 +91,7 @@ def test_pyfunc_load_model_predict_equals_in_memory(registered):
         assert list(out.loc[row, "category_names"]) == w["category_names"]
         assert set(out.loc[row, "category_names"]) <= {"cat", "dog", "bird"}
     # boxes are in source pixels of each image
-    assert np.asarray(out.loc[2, "boxes"])[:, [0, 2]].max() <= 60 + 1e-3
+    assert np.asarray(out.loc[2, "boxes"])[:, [0, 2]].max() <= 60 + 1e-3  # 90 x 60 source image
     assert np.asarray(out.loc[2, "boxes"])[:, [1, 3]].max() <= 90 + 1e-3
 
 

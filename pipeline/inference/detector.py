@@ -33,9 +33,14 @@ class Detector:
         if not images:
             return []
         ids = list(image_ids) if image_ids is not None else list(range(len(images)))
-        pre = self.loaded.preprocess
-        prepared = [pre.prepare(im, i) for im, i in zip(images, ids)]
-        batch = collate([p[0] for p in prepared], [p[1] for p in prepared], size_divisor=pre.size_divisor,
+        prepared = [self.loaded.preprocess.prepare(im, i) for im, i in zip(images, ids)]
+        return self.predict_prepared([p[0] for p in prepared], [p[1] for p in prepared], score_threshold)
+
+    @torch.no_grad()
+    def predict_prepared(self, images: Sequence[Any], targets: Sequence[dict[str, Any]],
+                         score_threshold: float = 0.0) -> list[dict[str, Any]]:
+        """Images already through `PreprocessConfig.prepare` ((3, h, w) uint8 + their target dicts)."""
+        batch = collate(list(images), list(targets), size_divisor=self.loaded.preprocess.size_divisor,
                         device=self.device)
         preds = self.model(batch.images, batch.masks, batch.targets)
         return [self._named(p, score_threshold) for p in preds]

@@ -59,7 +59,11 @@ class CoDETRPyfunc(mlflow.pyfunc.PythonModel):
             except (BadImage, OSError) as e:
                 rows.append(_empty(str(e)))
                 continue
-            det = self.detector.predict([image], [i], score_threshold=threshold)[0]
+            try:
+                det = self.detector.predict([image], [i], score_threshold=threshold)[0]
+            except ValueError as e:  # e.g. an image too small for the model's query count
+                rows.append(_empty(f"row {i}: {e}".splitlines()[0]))
+                continue
             rows.append({"boxes": det["boxes"].astype(np.float64).tolist(),
                          "scores": det["scores"].astype(np.float64).tolist(),
                          "labels": det["labels"].tolist(), "category_ids": det["category_ids"].tolist(),

@@ -1,0 +1,1 @@
+"""Exporting the deployed model: ONNX (`onnx.py`)."""
