@@ -5,6 +5,7 @@ R-CNN) relative to K=0 (plain Co-DINO), same config, same batch, measured side b
     python bench/train_step.py --threads 1 --rounds 3            # one intra-op thread: steadiest on a shared CPU
     python bench/train_step.py --baseline /tmp/old_tree          # also time another checkout (holds pipeline/)
     python bench/train_step.py --profile K=2 --threads 1         # cProfile (CPU time) of one K, top functions
+    python bench/train_step.py --ks K=0 K=1 K=2 K=3 K=6 --rounds 1   # K = 3..6 (paper Table 7) on request
     python bench/train_step.py --config configs/model/co_dino_r50.yaml --size 800 1216 --batch 2 --device cuda
 
 The paper's ratios (GPU hours, 8 A100, R50): K=1 1.23x, K=2 1.71x time; K=2 1.12x memory. Each K runs in its own
@@ -28,7 +29,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADS = {"K=0": "[]", "K=1": "[atss]", "K=2": "[atss,faster_rcnn]"}
+HEADS = {"K=0": "[]", "K=1": "[atss]", "K=2": "[atss,faster_rcnn]", "K=3": "[atss,faster_rcnn,gfl]",
+         "K=4": "[atss,faster_rcnn,gfl,retinanet]", "K=5": "[atss,faster_rcnn,gfl,retinanet,fcos]",
+         "K=6": "[atss,faster_rcnn,gfl,retinanet,fcos,atss]"}  # K = 3..6 on request (--ks), paper Table 7
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -117,7 +120,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
-    p.add_argument("--ks", nargs="+", default=list(HEADS), choices=list(HEADS), help="which K to run")
+    p.add_argument("--ks", nargs="+", default=["K=0", "K=1", "K=2"], choices=list(HEADS),
+                   help="which K to run (K=3..6 on request)")
     p.add_argument("--baseline", default=None,
                    help="another source tree (a directory holding pipeline/) timed interleaved with this one")
     p.add_argument("--profile", default=None, choices=list(HEADS),
@@ -160,7 +164,7 @@ def main() -> None:
           f"{', baseline ' + trees['base '] if args.baseline else ''}")
     print(f"{'':10s} {'params':>12s} {'step s':>8s} {'ratio':>6s} {'cpu s':>7s} {'ratio':>6s} {'cpu min':>8s} "
           f"{'ratio':>6s} {'peak MiB':>9s} {'mem ratio':>9s}  paper time / mem")
-    paper = {"K=0": "1.00 / 1.00", "K=1": "1.23 / -", "K=2": "1.71 / 1.12"}
+    paper = {"K=0": "1.00 / 1.00", "K=1": "1.23 / -", "K=2": "1.71 / 1.12", **{f"K={k}": "- / -" for k in range(3, 7)}}
     for tag in trees:
         ref = results.get(tag + "K=0")
         for name in args.ks:
