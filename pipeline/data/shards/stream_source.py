@@ -35,7 +35,9 @@ from pipeline import storage
 from pipeline.data.shards.coco_source import ISSUE_KEYS, Category, file_name_of
 from pipeline.data.shards.spill import ColumnSpill
 
-READ_BLOCK = 1 << 20
+READ_BLOCK = 1 << 20  # bytes per storage read (s3fs block)
+PARSE_BLOCK = 1 << 16  # bytes per parser feed: yajl2_c materialises every event of a feed before yielding,
+                       # so a 1 MiB feed peaks at ~19 MB of Python objects, 64 KiB at ~1 MB
 IMAGE_CHUNK_ROWS = 200_000
 BOX_CHUNK_ROWS = 1_000_000
 _BACKEND = ijson.get_backend("yajl2_c") if "yajl2_c" in ijson.backend else ijson  # ijson picks the fastest
@@ -84,7 +86,7 @@ def _items(uri: str, prefix: str, hasher: list[_HashingReader] | None = None) ->
             src = _HashingReader(f)
             hasher.append(src)
         try:
-            yield from _BACKEND.items(src, prefix, use_float=True, buf_size=READ_BLOCK)
+            yield from _BACKEND.items(src, prefix, use_float=True, buf_size=PARSE_BLOCK)
             while src.read(READ_BLOCK):  # trailing bytes still count in the checksum
                 pass
         except ijson.JSONError as e:
@@ -112,7 +114,7 @@ def _small_parts(uri: str) -> tuple[dict[str, str], list[Any], dict[str, Any]]:
     current = ""
     with fs.open(path, "rb", block_size=READ_BLOCK) as f:
         try:
-            for prefix, event, value in _BACKEND.parse(f, use_float=True, buf_size=READ_BLOCK):
+            for prefix, event, value in _BACKEND.parse(f, use_float=True, buf_size=PARSE_BLOCK):
                 if prefix == "" and event == "map_key":
                     current = value
                     continue
