@@ -328,10 +328,16 @@ def build_model(cfg: ModelConfig) -> CoDETR:
         denoising = CdnQueryGenerator(cfg.num_classes, t.embed_dims, t.num_queries, cfg.dn.label_noise,
                                       cfg.dn.box_noise, cfg.dn.num_dn_queries)  # fmt: skip
     aux_heads, adapter, proj = _build_aux(cfg)
-    return CoDETR(
+    model = CoDETR(
         backbone, neck, transformer, head, denoising, cfg.test, t.with_padding_mask, aux_heads, adapter, proj,
         (cfg.co.min_pos_queries, cfg.co.max_pos_queries), loss_weights(cfg),
     )  # fmt: skip
+    if cfg.loss.fed_loss:  # LVIS: query head, ATSS and RoI class losses over GT + sampled classes
+        from pipeline.models.fed_loss import attach_fed_loss, fed_weights
+
+        weight = fed_weights(cfg.loss.fed_loss_image_counts, cfg.num_classes, cfg.loss.fed_loss_power)
+        attach_fed_loss(model, cfg.num_classes, cfg.loss.fed_loss_num_classes, weight)
+    return model
 
 
 def _build_aux(

@@ -52,13 +52,16 @@ def weight_reduce_loss(
     raise ValueError(f"avg_factor needs reduction 'mean' or 'none', got {reduction!r}")
 
 
-def quality_focal_loss(logits: Tensor, labels: Tensor, scores: Tensor, beta: float = 2.0) -> Tensor:
+def quality_focal_loss(
+    logits: Tensor, labels: Tensor, scores: Tensor, beta: float = 2.0, class_weight: Tensor | None = None
+) -> Tensor:
     """Quality Focal Loss (GFL), mmdet `quality_focal_loss`, unreduced.
 
     logits: (N, C) raw class logits; labels: (N,) int in [0, C], C = background; scores: (N,) IoU-quality
     target of each positive (ignored for background rows). Returns (N,): per-sample sum over classes of
       BCE(logit, 0) * sigmoid(logit)^beta                 for every entry, except
       BCE(logit, score) * |score - sigmoid(logit)|^beta   for the labelled class of a positive.
+    class_weight: optional (C,) factor on each class's term before the sum (FedLoss: the 0/1 selected classes).
     Reduce with `weight_reduce_loss(loss, label_weights, avg_factor=...)`.
     """
     if logits.dim() != 2 or labels.shape != logits.shape[:1] or scores.shape != labels.shape:
@@ -79,6 +82,8 @@ def quality_focal_loss(logits: Tensor, labels: Tensor, scores: Tensor, beta: flo
         scale = (pos_scores - prob[pos, pos_label]).abs().pow(beta)
         pos_loss = F.binary_cross_entropy_with_logits(pos_logits, pos_scores, reduction="none") * scale
         loss = loss.index_put((pos, pos_label), pos_loss)
+    if class_weight is not None:
+        loss = loss * class_weight.to(loss.dtype)
     return loss.sum(dim=1)
 
 

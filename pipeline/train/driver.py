@@ -189,7 +189,7 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
     categories = [{k: c[k] for k in ("id", "name", "frequency") if k in c} for c in manifest["categories"]]
     if job.model.num_classes != len(categories):
         print(f"[train] model.num_classes {job.model.num_classes} -> {len(categories)} (from the shards' manifest)")
-    job = with_manifest_classes(job, manifest)
+    job = with_fed_loss_counts(with_manifest_classes(job, manifest), manifest)
     has_val = has_split(job, manifest, job.data.val_split)
     storage_path = job.storage_path or work_path(job, "ray_results")
     # Augmentation epochs count from the epoch a resumed run restarts in (see pipeline.data.loader).
@@ -321,6 +321,21 @@ def with_manifest_classes(job: JobConfig, manifest: dict[str, Any]) -> JobConfig
     if job.model.num_classes == n:
         return job
     return dataclasses.replace(job, model=dataclasses.replace(job.model, num_classes=n))
+
+
+def with_fed_loss_counts(job: JobConfig, manifest: dict[str, Any]) -> JobConfig:
+    """With model.loss.fed_loss on: model.loss.fed_loss_image_counts = the manifest's per-category `image_count`
+    (training images containing each label, in label order), the FedLoss sampling weights ** 0.5."""
+    if not job.model.loss.fed_loss:
+        return job
+    counts = tuple(int(c.get("image_count", -1)) for c in manifest["categories"])
+    if any(c < 0 for c in counts):
+        raise StageError(f"model.loss.fed_loss needs per-category image counts in {job.data.shards}/manifest.json "
+                         "(categories[].image_count): rebuild the shards with jobs/build_shards.py")  # fmt: skip
+    print(f"[train] FedLoss weights from the manifest's image counts ({len(counts)} classes, "
+          f"{sum(c > 0 for c in counts)} seen in training)")
+    return dataclasses.replace(job, model=dataclasses.replace(
+        job.model, loss=dataclasses.replace(job.model.loss, fed_loss_image_counts=counts)))
 
 
 def has_split(job: JobConfig, manifest: dict[str, Any], split: str) -> bool:

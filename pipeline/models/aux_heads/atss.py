@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from pipeline.models.aux_heads.base import AuxHead, AuxPositives
 from pipeline.models.aux_heads.table import ATSSConfig, AuxBuildContext
 from pipeline.models.box_ops import DeltaXYWHCoder, box_cxcywh_to_xyxy
+from pipeline.models.fed_loss import fed_class_mask
 from pipeline.models.losses import giou_loss, reduce_mean, sigmoid_focal_loss, weight_reduce_loss
 from pipeline.models.task_modules.anchors import cached_grid_anchors, cached_valid_flags
 from pipeline.models.task_modules.atss_assigner import ATSSAssigner
@@ -205,6 +206,7 @@ class ATSSHead(AuxHead):
             torch.stack(all_weights),
             torch.stack(all_targets),
             num_pos_total,
+            class_mask=fed_class_mask(self, [t["labels"] for t in targets]),  # FedLoss (LVIS) or None
         )
         coord_feats = None
         if self.with_coord_feat:  # (B, N, C): levels flattened level-major, row-major = anchor order
@@ -225,9 +227,11 @@ class ATSSHead(AuxHead):
         label_weights: Tensor,
         bbox_targets: Tensor,
         num_pos_total: int,
+        class_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """anchors (N, 4); per-level predictions; labels (B, N) bg = nc; label_weights (B, N); bbox_targets
-        (B, N, 4) GT xyxy; num_pos_total = sum_b max(#pos_b, 1). Returns the three weighted losses."""
+        (B, N, 4) GT xyxy; num_pos_total = sum_b max(#pos_b, 1); class_mask (nc,): FedLoss selection, the focal
+        loss sums over those classes only (pipeline/models/fed_loss.py). Returns the three weighted losses."""
         b = labels.shape[0]
         nc = self.num_classes
         cls = torch.cat([s.permute(0, 2, 3, 1).reshape(b, -1, nc) for s in cls_scores], 1).float()  # (B, N, nc)
@@ -239,7 +243,7 @@ class ATSSHead(AuxHead):
         loss_cls = sigmoid_focal_loss(
             cls.reshape(-1, nc),
             labels.reshape(-1),
-            weight=label_weights.reshape(-1),
+            weight=label_weights.reshape(-1) if class_mask is None else label_weights.reshape(-1, 1) * class_mask,
             avg_factor=avg_factor,
             alpha=self.focal_alpha,
             gamma=self.focal_gamma,

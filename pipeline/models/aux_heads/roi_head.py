@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.models.box_ops import DeltaXYWHCoder
+from pipeline.models.fed_loss import fed_class_mask, fed_softmax_cross_entropy
 from pipeline.models.layers.roi_align import roi_align
 from pipeline.models.losses import giou_loss, weight_reduce_loss
 
@@ -163,7 +164,7 @@ class RoIHead(nn.Module):
             feats, torch.cat([batch_idx, rois], 1), self.strides, self.output_size, self.finest_scale
         )  # (R, C, S, S)
         cls_score, deltas = self.bbox_head(roi_feats)
-        losses = self.loss(cls_score, deltas, rois, labels, targets)
+        losses = self.loss(cls_score, deltas, rois, labels, targets, fed_class_mask(self.bbox_head, gt_labels))
 
         m = min([self.max_export, *counts])
         pooled = roi_feats.mean(-1).mean(-1)  # (R, C), the authors' order of the two means
@@ -173,13 +174,18 @@ class RoIHead(nn.Module):
         return losses, (coords_out, labels_out, targets_out, feats_out)
 
     def loss(
-        self, cls_score: Tensor, deltas: Tensor, rois: Tensor, labels: Tensor, targets: Tensor
-    ) -> dict[str, Tensor]:
-        """cls_score (R, nc + 1); deltas (R, 4 nc); rois (R, 4) xyxy; labels (R,) bg = nc; targets (R, 4) GT xyxy."""
+        self, cls_score: Tensor, deltas: Tensor, rois: Tensor, labels: Tensor, targets: Tensor,
+        class_mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        """cls_score (R, nc + 1); deltas (R, 4 nc); rois (R, 4) xyxy; labels (R,) bg = nc; targets (R, 4) GT xyxy;
+        class_mask (nc,): FedLoss selection, softmax over those classes + background (pipeline/models/fed_loss.py)."""
         nc, r, k = self.num_classes, labels.numel(), self.loss_index
         cls_score = cls_score.float()
         deltas = deltas.float()
-        ce = F.cross_entropy(cls_score, labels, reduction="none")
+        if class_mask is None:
+            ce = F.cross_entropy(cls_score, labels, reduction="none")
+        else:
+            ce = fed_softmax_cross_entropy(cls_score, labels, class_mask)
         loss_cls = weight_reduce_loss(ce, avg_factor=max(r, 1))
         with torch.no_grad():
             correct = (cls_score.argmax(dim=1) == labels).float().sum()

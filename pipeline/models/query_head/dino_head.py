@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.models.box_ops import aligned_iou, box_cxcywh_to_xyxy, inverse_sigmoid
+from pipeline.models.fed_loss import fed_class_mask
 from pipeline.models.losses import (
     giou_loss,
     l1_loss,
@@ -135,11 +136,13 @@ class DINOHead(nn.Module):
         box_targets: Tensor,
         box_weights: Tensor,
         img_sizes: Tensor,
+        class_mask: Tensor | None = None,
     ) -> LossTriple:
         """QFL (or focal) / L1 / GIoU of queries with given targets (mmdet `loss_single` after `get_targets`).
 
         logits: (B, Q, nc); boxes: (B, Q, 4) sigmoid cxcywh; labels: (B, Q) long, bg = nc; label_weights (B, Q);
         box_targets: (B, Q, 4) cxcywh normalised; box_weights: (B, Q, 4); img_sizes: (B, 2) (h, w).
+        class_mask: (nc,) FedLoss selection (pipeline/models/fed_loss.py): the class loss sums over those only.
         Returns (loss_cls, loss_bbox, loss_iou), already weighted.
         """
         logits, boxes = logits.float(), boxes.float()  # losses in fp32 under autocast
@@ -153,13 +156,14 @@ class DINOHead(nn.Module):
         avg = reduce_mean(num_pos).clamp(min=1)  # one all-reduce serves the class and the box normalisers
 
         if self.cls_loss == "focal":
+            lw = label_weights.reshape(-1) if class_mask is None else label_weights.reshape(-1, 1) * class_mask
             loss_cls = self.cls_weight * sigmoid_focal_loss(
-                logits_f, labels_f, label_weights.reshape(-1), avg, self.focal_alpha, self.focal_gamma
+                logits_f, labels_f, lw, avg, self.focal_alpha, self.focal_gamma
             )
         else:
             scores = logits.new_zeros(labels_f.shape)
             scores[pos] = aligned_iou(box_cxcywh_to_xyxy(boxes_f[pos]).detach(), box_cxcywh_to_xyxy(targets_f[pos]))
-            qfl = quality_focal_loss(logits_f, labels_f, scores, beta=self.qfl_beta)
+            qfl = quality_focal_loss(logits_f, labels_f, scores, beta=self.qfl_beta, class_weight=class_mask)
             loss_cls = self.cls_weight * weight_reduce_loss(qfl, label_weights.reshape(-1), "mean", avg)
 
         box_avg = avg.item()
@@ -172,11 +176,12 @@ class DINOHead(nn.Module):
         return loss_cls, loss_bbox, loss_iou
 
     def one_to_one_loss(
-        self, logits: Tensor, boxes: Tensor, targets: Sequence[dict[str, Tensor]], img_sizes: Tensor
-    ) -> LossTriple:
+        self, logits: Tensor, boxes: Tensor, targets: Sequence[dict[str, Tensor]], img_sizes: Tensor,
+        class_mask: Tensor | None = None,
+    ) -> LossTriple:  # fmt: skip
         """Hungarian-matched loss of one set of predictions: logits (B, Q, nc), boxes (B, Q, 4)."""
         assigned = self.matched_targets(logits.detach(), boxes.detach(), targets, img_sizes)
-        return self.assigned_loss(logits, boxes, *assigned, img_sizes)
+        return self.assigned_loss(logits, boxes, *assigned, img_sizes, class_mask=class_mask)
 
     def loss(
         self,
@@ -190,14 +195,16 @@ class DINOHead(nn.Module):
         """Matching-part losses of every decoder layer (`d{l}.loss_*`, last layer `loss_*`) and of the encoder
         proposals (`enc_loss_*`). all_logits: (L, B, Q, nc); all_boxes: (L, B, Q, 4); enc_*: (B, K, ...) (Co-DINO:
         the top-k proposals; Co-DeformDETR: all K = S encoder tokens, with binary_enc_labels)."""
+        cm = fed_class_mask(self, [t["labels"] for t in targets])  # FedLoss (LVIS): one selection per call
         losses = self._per_layer(
-            [self.one_to_one_loss(all_logits[i], all_boxes[i], targets, img_sizes) for i in range(len(all_logits))],
+            [self.one_to_one_loss(all_logits[i], all_boxes[i], targets, img_sizes, cm) for i in range(len(all_logits))],
             "loss",
         )
         enc_targets = targets
         if self.binary_enc_labels:  # Co-Deformable: class-agnostic proposals, every GT is class 0
             enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-        enc_losses = self.one_to_one_loss(enc_logits, enc_boxes, enc_targets, img_sizes)
+        enc_losses = self.one_to_one_loss(enc_logits, enc_boxes, enc_targets, img_sizes,
+                                          None if self.binary_enc_labels else cm)  # fmt: skip
         for name, value in zip(("cls", "bbox", "iou"), enc_losses):
             losses[f"enc_loss_{name}"] = value
         return losses
@@ -207,8 +214,10 @@ class DINOHead(nn.Module):
     ) -> dict[str, Tensor]:
         """Denoising losses of every layer: dn_logits (L, B, P, nc), dn_boxes (L, B, P, 4); dn_targets from
         `DenoisingQueries.targets`. Names `dn_loss_*` (last layer) and `d{l}.dn_loss_*`."""
+        cm = fed_class_mask(self, dn_targets[0])  # FedLoss: the DN labels hold every GT class
         per_layer = [
-            self.assigned_loss(dn_logits[i], dn_boxes[i], *dn_targets, img_sizes) for i in range(len(dn_logits))
+            self.assigned_loss(dn_logits[i], dn_boxes[i], *dn_targets, img_sizes, class_mask=cm)
+            for i in range(len(dn_logits))
         ]
         return self._per_layer(per_layer, "dn_loss")
 
