@@ -98,6 +98,17 @@ class MlflowServer:
             time.sleep(0.5)
         raise RuntimeError(f"mlflow server not healthy after {timeout_s} s")
 
+    def pause(self) -> None:
+        """SIGSTOP the server's process group: it stops answering (connections hang until the client's timeout)."""
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         """Kill the server's process group (the server and its uvicorn worker)."""
         import contextlib

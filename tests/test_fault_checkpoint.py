@@ -65,7 +65,7 @@ def test_stage_resumes_from_last_good_checkpoint(ray_local, tmp_path, monkeypatc
               "tracking.enabled=false"]
     first = run_stage(tiny_job(str(tmp_path), "train.max_steps=3", *common))
     run_dir = os.path.dirname(first.checkpoint_uri)
-    ckpts = sorted(glob.glob(os.path.join(run_dir, "checkpoint_*")))
+    ckpts = sorted(p for p in glob.glob(os.path.join(run_dir, "checkpoint_*")) if os.path.isdir(p))
     assert len(ckpts) == 3 and ckpts[-1] == first.checkpoint_uri
     _corrupt(ckpts[2], ckpts[1])  # steps 3 and 2 unusable: the step-1 checkpoint is the last good one
 

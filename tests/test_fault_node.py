@@ -12,6 +12,7 @@ never calls `ray stop` (other Ray instances may share the machine): it kills exa
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import signal
@@ -26,9 +27,33 @@ from fault_helpers import REPO, check_exactly_once, cost_line, read_trace, train
 from tiny_stage import TINY_STAGE
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-# GCS marks a node dead after 3 missed 1-s health checks (default 5 x 3 s) so the test waits less
-FAST_HEALTH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-               "RAY_health_check_failure_threshold": "3"}
+# GCS health-checks nodes every 1 s instead of 3 s (a killed raylet refuses at once: dead after 5 checks); a
+# shorter check timeout made raylets fail their own registration on a loaded machine
+# On a loaded machine a node's dashboard agent takes more than Ray's wait (raylet aborts: "Timed out waiting for
+# file .../dashboard_agent_listen_port_*"): wait up to 2 minutes
+FAST_HEALTH = {"RAY_health_check_period_ms": "1000", "RAY_agent_register_timeout_ms": "120000",
+               "RAY_AUTH_MODE": "disabled"}  # a loopback test cluster: the CLI, nodes and driver share no token
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every descendant of `pid` (Linux /proc), children before grandchildren."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        for task in glob.glob(f"/proc/{p}/task/*/children"):
+            with contextlib.suppress(OSError), open(task) as f:
+                kids = [int(k) for k in f.read().split()]
+            out += kids
+            todo += kids
+    return out
+
+
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _free_port() -> int:
@@ -62,10 +87,10 @@ class Cluster:
         self._start("head", ["--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
                              f"--temp-dir={self.temp}", "--include-dashboard=false"])
         self._wait_nodes(1)
-        for n in ("a", "b"):
+        for i, n in enumerate(("a", "b")):  # one at a time: node start-up has a fixed 30-s limit in Ray
             self._start(n, [f"--address={self.address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
                             '--resources={"trainer": 1}'])
-        self._wait_nodes(3)
+            self._wait_nodes(2 + i)
 
     def _wait_nodes(self, n: int, timeout_s: float = 300) -> None:
         t0 = time.monotonic()
@@ -82,27 +107,18 @@ class Cluster:
         raise RuntimeError(f"cluster did not reach {n} nodes in {timeout_s} s")
 
     def raylet_pid(self, name: str) -> int:
-        import psutil
-
-        kids = psutil.Process(self.procs[name].pid).children(recursive=True)
-        return next(k.pid for k in kids if k.name() == "raylet")
+        return next(p for p in _descendants(self.procs[name].pid) if _name(p) == "raylet")
 
     def stop(self) -> None:
-        """SIGKILL every process this cluster started (descendants first collected by pid)."""
-        import psutil
-
+        """SIGKILL every process this cluster started: the `ray start` processes, their descendants (GCS, raylets,
+        Ray workers) and anything re-parented away that names this cluster's temp dir in its command line."""
         pids: list[int] = []
         for p in self.procs.values():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                pids += [k.pid for k in psutil.Process(p.pid).children(recursive=True)] + [p.pid]
-        # Ray workers of a node are children of its raylet, which is a child of `ray start`; the GCS and the
-        # workers' own children too. Anything re-parented away is found by the session dir in its command line.
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if any(self.temp in a for a in proc.info["cmdline"] or []):
-                    pids.append(proc.info["pid"])
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
+            pids += [p.pid, *_descendants(p.pid)]
+        for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+            with contextlib.suppress(OSError), open(cmdline, "rb") as f:
+                if self.temp.encode() in f.read():
+                    pids.append(int(cmdline.split("/")[2]))
         for pid in dict.fromkeys(pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -112,6 +128,7 @@ class Cluster:
 def test_worker_node_lost_mid_epoch_elastic_resume(tmp_path):
     cluster = Cluster(str(tmp_path))
     trace = tmp_path / "trace.jsonl"
+    driver = None
     try:
         cluster.start()
         overrides = [*TINY_STAGE, f"work_dir={tmp_path}", "name=fault-node", "train.max_steps=8",
@@ -138,6 +155,8 @@ def test_worker_node_lost_mid_epoch_elastic_resume(tmp_path):
         out = (tmp_path / "driver.log").read_text()
         assert rc == 0, out[-4000:]
     finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
         cluster.stop()
 
     lines = read_trace(str(trace))
@@ -155,7 +174,7 @@ def test_worker_node_lost_mid_epoch_elastic_resume(tmp_path):
     run_dir = os.path.join(str(tmp_path), "ray_results", "fault-node")
     states = {}
     for d in sorted(os.listdir(run_dir)):
-        if d.startswith("checkpoint_"):
+        if d.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, d)):
             with open(os.path.join(run_dir, d, "trainer_state.json")) as f:
                 s = json.load(f)
             states[s["step"]] = s["world_size"]
