@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
                                                               image_size=(64, 96), seed=5))
     shards = str(work / "shards")
     for split, paths in gen.splits.items():
-        build_shards(paths.annotations, paths.images, shards, split=split)
+        build_shards(paths.annotations, paths.images, shards, split=split, parallel=False)
     categories = [{"id": c["id"], "name": c["name"]} for c in storage.read_json(f"{shards}/manifest.json")["categories"]]
     job = load_config(os.path.join(REPO, "configs/local/finetune_coco.yaml"),
                       ["model.num_classes=3", "data.eval_size=[80,120]", f"data.shards={shards}",

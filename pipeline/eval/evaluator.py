@@ -44,19 +44,22 @@ def restrict_gt(gt: dict[str, Any], image_ids: Iterable[int]) -> dict[str, Any]:
             "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
 
 
-def forward_detections(model: nn.Module, batch: Any) -> list[dict[str, torch.Tensor]]:
+def forward_detections(model: nn.Module, batch: Any, amp_dtype: torch.dtype | None | str = "auto"
+                       ) -> list[dict[str, torch.Tensor]]:
     """The eval-mode model on one batch: list of B dicts boxes (K, 4) xyxy source pixels, scores (K,), labels (K,).
 
     On CUDA the network runs under bf16 autocast and the post-processing (sigmoid, top-k, box scaling, NMS)
     in fp32 on the outputs cast back to fp32; on the CPU everything runs in fp32. This is `CoDETR.predict` with the
     autocast boundary between `run` and `detections` (tests/test_eval_scale.py checks that the CPU path equals
-    `model(...)` exactly); modules without `run` are called as they are, under the same autocast."""
+    `model(...)` exactly); modules without `run` are called as they are, under the same autocast.
+    `amp_dtype`: "auto" (bf16 on CUDA, none on CPU), None (fp32), or a dtype for autocast on the batch's device."""
     from pipeline.models.co_detr import detections, source_scales
 
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     images, masks, targets = batch.images, batch.masks, batch.targets
-    amp = images.device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp) if amp else contextlib.nullcontext()
+    kind = images.device.type
+    dtype = (torch.bfloat16 if kind == "cuda" else None) if amp_dtype == "auto" else amp_dtype
+    autocast = torch.autocast(kind, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     if not all(hasattr(net, a) for a in ("run", "image_sizes", "test_cfg", "with_padding_mask")):
         with autocast:
             preds = net(images, masks, targets)
@@ -107,13 +110,17 @@ def score(predictions: Detections | list[tuple[int, dict[str, np.ndarray]]], gt:
 
 
 def evaluate_distributed(model: nn.Module, val_shard: Any, job: Any, categories: list[dict], shards_uri: str,
-                         device: torch.device, rank: int, world: int) -> dict[str, float]:
+                         device: torch.device, rank: int, world: int,
+                         detections_out: list | None = None) -> dict[str, float]:
     """Val AP with predictions from every worker; metrics (prefixed `val/`) returned on rank 0, {} elsewhere.
 
-    Each worker caps its detections to `eval.max_dets` per image and sends them as arrays to rank 0 only."""
+    Each worker caps its detections to `eval.max_dets` per image and sends them as arrays to rank 0 only.
+    `detections_out`: rank 0 appends the gathered Detections to it (the eval pictures, pipeline/train/artifacts.py)."""
     dets = gather_detections(model, val_shard, job, device, world)
     if rank != 0 or dets is None:
         return {}
+    if detections_out is not None:
+        detections_out.append(dets)
     gt = gt_from_shards(shards_uri, job.data.val_split)
     metrics = score(dets, gt, job.eval.protocol, job.eval.max_dets)
     return {f"val/{k}": v for k, v in metrics.items()}

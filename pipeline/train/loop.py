@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from pipeline import dist as pcoll
+from pipeline.train import artifacts as eval_artifacts
 from pipeline.train import checkpoint as ckpt_io
 from pipeline.train.ema import build_ema, ema_checkpoint, restore_ema
 from pipeline.train.optim import build_optimizer, lr_factor, set_lr
@@ -194,6 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")  # Ray:
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None  # Ray:
     tracker = _Tracker(config, rank)
+    progress = eval_artifacts.progress_for(job, per_worker, world, accum)
     config_yaml = dump_yaml(job)
 
     def save_and_report(metrics: dict[str, float], epoch_done: bool) -> None:
@@ -270,6 +272,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     metrics = {**stats.summary(world), "train/lr": optimizer.param_groups[0]["lr"] /
                                optimizer.param_groups[0]["lr_mult"]}
                     tracker.log(metrics, state["step"])
+                    if rank == 0:  # one console line per log step (pipeline/train/artifacts.py)
+                        print(progress.line(state["step"], epoch, metrics), flush=True)
                     stats = StepStats()
                 done = max_steps is not None and state["step"] >= max_steps
                 if not done and tcfg.checkpoint_every_steps and state["step"] % tcfg.checkpoint_every_steps == 0:
@@ -292,11 +296,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         last = done or state["epoch"] >= tcfg.epochs
         if val_shard is not None and (last or state["epoch"] % job.eval.every_epochs == 0):
             eval_model = ema.module if ema is not None else model
+            eval_dets: list = []
             metrics = evaluate_distributed(eval_model, val_shard, job, config["categories"], job.data.shards,
-                                           device, rank, world)
+                                           device, rank, world, detections_out=eval_dets)
             if rank == 0:
                 print(f"[eval] epoch {state['epoch']} step {state['step']}: " +
                       ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                eval_artifacts.on_eval(tracker, state["step"], job, config["categories"], metrics, eval_dets)
                 state["best_ap"] = max(state["best_ap"], metrics.get("val/AP", -1.0))
         tracker.log(metrics, state["step"])
         save_and_report(metrics, epoch_done=epoch_done)
