@@ -137,7 +137,7 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def _bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_values: int, dtype: torch.dtype
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Corner rows and separable bilinear weights of every sampling point, all levels at once.
 
     A location x in [0, 1] on a level of width w sits at pixel u = x * w - 0.5 (align_corners=False); its
