@@ -36,6 +36,7 @@ ray 2.60), and what we set instead:
 - Node loss: Ray waits forever for resources of a fixed-size group. With `scaling.min_workers` > 0 the stage is
   elastic, `ScalingConfig(num_workers=(min, max))` (Ray 2.60 Train V2 `ElasticScalingPolicy`): the group restarts
   from its last checkpoint on the workers that fit; gradient accumulation keeps `train.total_batch_size`.
+  Not bounded here: while fewer than min_workers fit, Ray's policy waits (logging every 30 s) for resources.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    # Object store (s3fs / botocore and pyarrow S3): see the table above.
+    # Object store (s3fs / botocore and pyarrow S3): see the list above.
     s3_retry_mode: str = "standard"  # botocore retry mode: retries throttling, 5xx, connection errors
     s3_max_attempts: int = 10  # botocore attempts per request (first try included)
     s3fs_retries: int = 5  # s3fs's own retry loop (timeouts, SlowDown): its class default, kept (not settable)
