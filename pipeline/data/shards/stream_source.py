@@ -39,7 +39,7 @@ READ_BLOCK = 1 << 20  # bytes per storage read (s3fs block)
 PARSE_BLOCK = 1 << 16  # bytes per parser feed: yajl2_c materialises every event of a feed before yielding,
                        # so a 1 MiB feed peaks at ~19 MB of Python objects, 64 KiB at ~1 MB
 IMAGE_CHUNK_ROWS = 200_000
-BOX_CHUNK_ROWS = 1_000_000
+BOX_CHUNK_ROWS = 500_000  # ~30 MB of buffers; peak ~3x at a flush (arrow copy + sort)
 _BACKEND = ijson.get_backend("yajl2_c") if "yajl2_c" in ijson.backend else ijson  # ijson picks the fastest
 
 
