@@ -130,3 +130,14 @@ def mlflow_server(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 continue
         log.close()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the overrides the recipe smoke tests used (tests/test_recipes.py): what a CPU run could not exercise."""
+    module = sys.modules.get("test_recipes")
+    used = getattr(module, "USED_OVERRIDES", None)
+    if not used:
+        return
+    terminalreporter.section("recipe smoke overrides (what differs from the shipped recipe)")
+    for recipe, overrides in used.items():
+        terminalreporter.write_line(f"{recipe}: " + " ".join(overrides))

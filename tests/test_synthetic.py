@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.synthetic import COLOURS, SHAPES, SyntheticConfig, class_names, generate_dataset
+from pipeline.data.synthetic import COLOURS, SHAPES, TEXTURES, SyntheticConfig, class_names, generate_dataset
 
 
 def _load(root, split="train"):
@@ -35,8 +35,9 @@ def test_class_names_stable_and_shared():
     first = [n.split("_") for n in class_names(12)]
     assert len({s for _, s in first}) == 12 and len({c for c, _ in first}) == 12  # both cues differ
     assert all(len(n.split("_")) == 2 for n in class_names(144))  # solid fill before any texture
-    with pytest.raises(ValueError, match="classes must be in 1..576"):
-        class_names(len(SHAPES) * len(COLOURS) * 4 + 1)
+    assert len(set(class_names(1203))) == 1203 and class_names(1203)[:576] == class_names(576)  # LVIS-size
+    with pytest.raises(ValueError, match=f"classes must be in 1..{len(SHAPES) * len(COLOURS) * len(TEXTURES)}"):
+        class_names(len(SHAPES) * len(COLOURS) * len(TEXTURES) + 1)
 
 
 def test_config_errors():

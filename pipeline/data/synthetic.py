@@ -51,7 +51,8 @@ COLOURS = {
     "cyan": (20, 205, 215), "magenta": (215, 40, 205), "orange": (250, 135, 15), "purple": (115, 35, 170),
     "white": (248, 248, 248), "black": (15, 15, 15), "pink": (250, 160, 195), "brown": (125, 75, 25),
 }
-TEXTURES = ("solid", "striped", "dotted", "checkered")
+# appended textures extend the class list (1,296 names: an LVIS-size 1,203-class set) without renaming the first
+TEXTURES = ("solid", "striped", "dotted", "checkered", "hstriped", "vstriped", "ringed", "grid", "antistriped")
 STYLES = ("coco", "o365", "lvis")
 # (width / height) of a shape's box before jitter
 _BASE_ASPECT = {"ellipse": 2.0, "arrow": 1.6}
@@ -176,6 +177,16 @@ def _texture(texture: str, colour: np.ndarray, w: int, h: int) -> np.ndarray:
         alt = ((xx % p) - p / 2) ** 2 + ((yy % p) - p / 2) ** 2 < (p / 3.2) ** 2
     elif texture == "checkered":
         alt = ((xx // p) + (yy // p)) % 2 == 1
+    elif texture == "hstriped":
+        alt = (yy // p) % 2 == 1
+    elif texture == "vstriped":
+        alt = (xx // p) % 2 == 1
+    elif texture == "ringed":
+        alt = (np.hypot(xx - w / 2, yy - h / 2) // p) % 2 == 1
+    elif texture == "grid":
+        alt = ((xx % p) < max(1, p // 4)) | ((yy % p) < max(1, p // 4))
+    elif texture == "antistriped":
+        alt = ((xx - yy) // p) % 2 == 1
     else:
         raise ValueError(f"unknown texture {texture!r}; expected one of {list(TEXTURES)}")
     return np.where(alt[..., None], second, colour).astype(np.uint8)
