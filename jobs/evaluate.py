@@ -7,7 +7,9 @@
     python jobs/evaluate.py --model models:/codetr-coco@latest --config configs/local/finetune_coco.yaml
 
 `--config` names the data (shards or the synthetic set) and the evaluation protocol; the model comes from
-`--model` (its own config.yaml for checkpoint directories). Prints the metrics as one JSON object last.
+`--model` (its own config.yaml for checkpoint directories). The model runs on Ray workers (one per GPU of the
+cluster up to scaling.num_workers, bf16 autocast; one CPU worker without GPUs), never in this process; this process
+scores the gathered detections. Prints the metrics as one JSON object last.
 """
 
 import json
@@ -24,14 +26,16 @@ def main() -> None:
     args = p.parse_args()
 
     def run() -> None:
-        from pipeline.eval.run import evaluate_model, load_model_for_eval
+        from pipeline.eval.ray_eval import eval_workers, evaluate_on_ray
         from pipeline.tracking.mlflow_tracking import resolve_tracking_uri
-        from pipeline.train.driver import ensure_shards, work_path
+        from pipeline.train.driver import ensure_shards, init_ray, work_path
 
         job = ensure_shards(load_job_config(args.config, args.overrides))
         tracking_uri = resolve_tracking_uri(job.tracking.tracking_uri, work_path(job))
-        model, _ = load_model_for_eval(args.model, job, tracking_uri)
-        metrics = evaluate_model(model, job, args.split)
+        init_ray(job)
+        actors, gpu = eval_workers(job)
+        print(f"[eval] {args.model} on {actors} {'GPU' if gpu else 'CPU'} worker(s)")
+        metrics = evaluate_on_ray(args.model, job, args.split, tracking_uri, (actors, gpu))
         for k, v in metrics.items():
             print(f"{k:>16s} {v:.4f}")
         print(json.dumps({"model": args.model, **metrics}))

@@ -40,12 +40,12 @@ def run_chain(pretrain_config: str, finetune_config: str, overrides: Sequence[st
     r2 = run_or_reuse(fine)
     print("[pipeline] stage 3/3: evaluate the registered model")
     if r2.model_uri:
-        from pipeline.eval.run import evaluate_model, load_model_for_eval
-        from pipeline.train.driver import ensure_shards
+        from pipeline.eval.ray_eval import evaluate_on_ray
+        from pipeline.train.driver import ensure_shards, init_ray
 
         fine = ensure_shards(fine)
-        model, _ = load_model_for_eval(r2.model_uri, fine, r2.tracking_uri)
-        metrics = evaluate_model(model, fine)
+        init_ray(fine)  # both stages reused: Ray not started yet
+        metrics = evaluate_on_ray(r2.model_uri, fine, tracking_uri=r2.tracking_uri)  # model on Ray workers
         r2.metrics.update({f"registered/{k}": v for k, v in metrics.items()})
         print(f"[pipeline] {r2.model_uri}: val AP {metrics[f'{fine.data.val_split}/AP']:.4f}")
     return [r1, r2]

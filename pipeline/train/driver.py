@@ -178,6 +178,7 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.data.loader import build_dataset
+    from pipeline.eval.val_split import lossless_val_config
     from pipeline.tracking import mlflow_tracking as mt
     from pipeline.train.loop import DEBUG_ENV, train_loop_per_worker
 
@@ -229,6 +230,7 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, scaling_config=ray_scaling_config(job),
         run_config=run_config, datasets=datasets,
+        dataset_config=lossless_val_config(),  # val split with equal=False: no val image dropped
         torch_config=TorchConfig(backend=torch_backend(job.scaling.use_gpu)),  # gloo, or cpu:gloo,cuda:nccl
     )
     result = trainer.fit()
