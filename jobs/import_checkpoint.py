@@ -13,6 +13,9 @@ Reads the .pth from any storage URI (a raw state dict or {"state_dict", "meta", 
 training format (model.pt, config.yaml, trainer_state.json, categories.json) that jobs/evaluate.py
 (`--model OUT`), finetuning (`--set init.from=OUT`) and the registry accept. With a K = 0 recipe
 (`--set 'model.co.aux_heads=[]'`) the auxiliary heads of a K = 2 checkpoint are skipped and listed.
+ViT-L (configs/model/co_dino_vit_l.yaml, co_dino_vit_l_lvis.yaml): the rotary tables are dropped (listed as
+freqs_cos / freqs_sin buffers); the FedLoss `fed_loss_weight` buffers are kept when the recipe has
+`model.loss.fed_loss` (LVIS), else dropped and listed.
 The model config is saved with `backbone.pretrained=false` (the weights come from the checkpoint).
 
 Categories: `--categories auto` (default) takes the names in the checkpoint's meta (mmdet 2.x `CLASSES`,
@@ -106,7 +109,7 @@ def main() -> None:
         obj = convert.load_checkpoint_bytes(storage.read_bytes(args.src), args.trust_pickle)
         sd, meta = convert.split_checkpoint(obj)
         del obj
-        conv = convert.convert_checkpoint(sd, cfg.co.aux_heads, cfg.backbone.out_indices)
+        conv = convert.convert_checkpoint(sd, cfg.co.aux_heads, cfg.backbone.out_indices, cfg.loss.fed_loss)
         if conv.unknown:
             raise ValueError(convert.unknown_keys_message(conv.unknown))
         cats, cats_how = categories_for(args.categories, convert.checkpoint_classes(meta), cfg.num_classes)

@@ -35,7 +35,7 @@ def count(model) -> dict[str, int]:
     """{state-dict name: numel} of parameters plus frozen-BN affine buffers."""
     params = {k: p.numel() for k, p in model.named_parameters()}
     for k, b in model.named_buffers():
-        if k.endswith(("weight", "bias")) and not k.endswith(_STATS):
+        if k.endswith(("weight", "bias")) and not k.endswith((*_STATS, "fed_loss_weight")):  # FedLoss: no param
             params[k] = b.numel()
     return params
 

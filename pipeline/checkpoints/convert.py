@@ -47,8 +47,13 @@ Co-Deformable-DETR (`model.arch: co_deformable_detr`, CO_DETR_SPEC.md 8 "Co-Defo
   query_head.transformer.head_pos_embed.weight (G, 1) -> aux_query_proj.head_pos_embed.weight, our groups' rows
   (aux_pos_trans{,_norm} as above; the decoder has no norm / ref_point_head, the head no label_embedding).
 
-Not covered: the ViT-L / SFP naming (`backbone.*` of EVA-02 with rope buffers, `neck.p2..p6`): such keys come
-out as unknown or unexpected, never as a partial load.
+ViT-L + SFP (`backbone.blocks.*` present; `backbone_format` "vit"): `backbone.*` through
+`vit_keys.vit_block_leaf` (q_bias/v_bias -> q_proj/v_proj.bias, mlp.w1/w2/ffn_ln/w3 -> fc1_g/fc1_x/norm/fc2, the
+rest unchanged), `neck.p2..p6.*` unchanged; the rotary tables (`*.rope*.freqs_cos/freqs_sin`) are dropped with
+the buffers (ours are computed). FedLoss buffers `{query_head,bbox_head.0,roi_head.0.bbox_head}.loss_cls.
+fed_loss_weight`: with `fed_loss=True` (a target model with `model.loss.fed_loss`) kept as our FedLoss modules'
+`{head,aux_heads.k,aux_heads.k.roi_head.bbox_head}.fed_loss.fed_loss_weight` (pipeline/models/fed_loss.py),
+else dropped with the buffers.
 """
 
 from __future__ import annotations
@@ -64,12 +69,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.checkpoints.vit_keys import vit_block_leaf
 from pipeline.models.aux_heads.table import AUX_HEADS, group_order
 
 AUX_ORDER = tuple(group_order(list(AUX_HEADS)))  # the authors' aux group order: RoI heads first, then dense heads
 
 _DROPPED_BUFFERS = (r"\.num_batches_tracked$", r"\.fed_loss_weight$", r"\.relative_position_index$",
-                    r"\.attn_mask$", r"^data_preprocessor\.")  # fmt: skip
+                    r"\.attn_mask$", r"^data_preprocessor\.", r"(^|\.)rope[^.]*\.freqs_(cos|sin)$")  # fmt: skip
+_FED_LOSS_WEIGHT = ".loss_cls.fed_loss_weight"  # the authors' FedLoss buffer leaf; ours `.fed_loss.fed_loss_weight`
 _EMA = r"^ema_"
 
 # (regex on the authors' name, replacement) for the deployed part after the backbone, tried in order.
@@ -130,7 +137,7 @@ class Conversion:
     dropped_ema: list[str] = field(default_factory=list)
     dropped_buffers: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
-    backbone_format: str = "resnet"  # "resnet" | "swin-v1" (Microsoft / Sense-X) | "swin-mmdet"
+    backbone_format: str = "resnet"  # "resnet" | "swin-v1" (Microsoft / Sense-X) | "swin-mmdet" | "vit"
     checkpoint_aux_heads: tuple[str, ...] = ()
 
     def summary(self) -> dict[str, Any]:
@@ -287,11 +294,13 @@ def _aux_name(name: str, ours: Sequence[str], theirs: Sequence[str]) -> tuple[bo
 
 
 def convert_checkpoint(
-    state_dict: Mapping[str, Tensor], aux_heads: Sequence[str] = (), out_indices: Sequence[int] = (0, 1, 2, 3)
-) -> Conversion:
+    state_dict: Mapping[str, Tensor], aux_heads: Sequence[str] = (), out_indices: Sequence[int] = (0, 1, 2, 3),
+    fed_loss: bool = False,
+) -> Conversion:  # fmt: skip
     """Map every key of an authors' state dict (see the module docstring); nothing raises here, the result
     lists unknown keys. aux_heads: the aux heads of the target model (ModelConfig.co.aux_heads, any order;
-    () = K 0); out_indices: the target backbone's (Swin `norm{i}` -> `out_norms`)."""
+    () = K 0); out_indices: the target backbone's (Swin `norm{i}` -> `out_norms`); fed_loss: the target model
+    has FedLoss (ModelConfig.loss.fed_loss): keep the `fed_loss_weight` buffers, else drop them."""
     ours = group_order(list(aux_heads))  # our groups (repeats: the first group of a name takes its keys)
     theirs = tuple(h for h in AUX_ORDER if any(re.match(p, k) for p, _ in AUX_HEADS[h].checkpoint for k in state_dict))
     conv = Conversion(checkpoint_aux_heads=theirs)
@@ -299,9 +308,22 @@ def convert_checkpoint(
         conv.backbone_format = "swin-mmdet"
     elif any(k.startswith("backbone.layers.") for k in state_dict):
         conv.backbone_format = "swin-v1"
+    elif any(k.startswith("backbone.blocks.") for k in state_dict):
+        conv.backbone_format = "vit"
     for name, tensor in state_dict.items():
         if re.search(_EMA, name):
             conv.dropped_ema.append(name)
+            continue
+        if fed_loss and name.endswith(_FED_LOSS_WEIGHT):  # kept: our FedLoss modules hold the same buffer
+            ours_name = name[: -len(_FED_LOSS_WEIGHT)] + ".fed_loss.fed_loss_weight"
+            if ours_name.startswith("query_head."):
+                fed_new: str | None = "head." + ours_name[len("query_head.") :]
+            else:
+                _, fed_new = _aux_name(ours_name, ours, theirs)
+            if fed_new is None:
+                conv.skipped_aux.append(name)
+            else:
+                conv.state[fed_new], conv.origin[fed_new] = tensor, name
             continue
         if any(re.search(p, name) for p in _DROPPED_BUFFERS):
             conv.dropped_buffers.append(name)
@@ -316,7 +338,9 @@ def convert_checkpoint(
             conv.state["aux_query_proj.head_pos_embed.weight"] = tensor[rows]
             conv.origin["aux_query_proj.head_pos_embed.weight"] = name
             continue
-        if name.startswith("backbone."):
+        if name.startswith("backbone.") and conv.backbone_format == "vit":
+            new = "backbone." + vit_block_leaf(name[len("backbone.") :])
+        elif name.startswith("backbone."):
             new, fn = _backbone_name(name, out_indices)
         else:
             new = _deployed_name(name)
