@@ -62,6 +62,7 @@ def quality_focal_loss(
       BCE(logit, 0) * sigmoid(logit)^beta                 for every entry, except
       BCE(logit, score) * |score - sigmoid(logit)|^beta   for the labelled class of a positive.
     class_weight: optional (C,) factor on each class's term before the sum (FedLoss: the 0/1 selected classes).
+    No host sync (no nonzero(): the positive term is computed on every row and selected by a mask).
     Reduce with `weight_reduce_loss(loss, label_weights, avg_factor=...)`.
     """
     if logits.dim() != 2 or labels.shape != logits.shape[:1] or scores.shape != labels.shape:
@@ -74,14 +75,17 @@ def quality_focal_loss(
         beta
     )
     num_classes = logits.shape[1]
-    pos = ((labels >= 0) & (labels < num_classes)).nonzero().squeeze(1)
-    if pos.numel() > 0:
-        pos_label = labels[pos].long()
-        pos_logits = logits[pos, pos_label]
-        pos_scores = scores[pos].to(logits.dtype)
-        scale = (pos_scores - prob[pos, pos_label]).abs().pow(beta)
-        pos_loss = F.binary_cross_entropy_with_logits(pos_logits, pos_scores, reduction="none") * scale
-        loss = loss.index_put((pos, pos_label), pos_loss)
+    # the positive term on every row (its label's column; background rows read column 0 and are masked out):
+    # masks instead of nonzero() keep the shapes static, so no host sync
+    labels = labels.long()
+    is_pos = (labels >= 0) & (labels < num_classes)
+    column = torch.where(is_pos, labels, 0)[:, None]  # (N, 1)
+    pos_logits = logits.gather(1, column).squeeze(1)
+    pos_scores = scores.to(logits.dtype)
+    scale = (pos_scores - prob.gather(1, column).squeeze(1)).abs().pow(beta)
+    pos_loss = F.binary_cross_entropy_with_logits(pos_logits, pos_scores, reduction="none") * scale  # (N,)
+    at_label = is_pos[:, None] & (torch.arange(num_classes, device=labels.device) == column)  # (N, C)
+    loss = torch.where(at_label, pos_loss[:, None], loss)
     if class_weight is not None:
         loss = loss * class_weight.to(loss.dtype)
     return loss.sum(dim=1)
@@ -130,20 +134,19 @@ def giou_loss(
     avg_factor: float | Tensor | None = None,
     eps: float = 1e-6,
 ) -> Tensor:
-    """mmdet `GIoULoss` (eps 1e-6): 1 - GIoU(pred[i], target[i]), weighted and reduced.
+    """mmdet `GIoULoss` (eps 1e-6): 1 - GIoU(pred[i], target[i]), weighted and reduced, with no host sync.
 
     pred, target: (N, 4) xyxy (pixels in the authors' use); weight: (N,) or (N, 4) (averaged over the last
     dim, as mmdet does). If no weight is positive the result is `(pred * weight).sum()` (a zero with a graph).
     We do not use torchvision's generalized_box_iou_loss: it adds eps=1e-7 to the union and enclosing area
     instead of clamping them at 1e-6, which differs for degenerate boxes (identical otherwise).
     """
-    if weight is not None and not torch.any(weight > 0):
-        if pred.dim() == weight.dim() + 1:
-            weight = weight.unsqueeze(1)
-        return (pred * weight).sum()
-    if weight is not None and weight.dim() > 1:
-        if weight.shape != pred.shape:
-            raise ValueError(f"giou_loss weight must be (N,) or (N, 4), got {tuple(weight.shape)}")
-        weight = weight.mean(-1)
+    if weight is not None and weight.dim() > 1 and weight.shape != pred.shape:
+        raise ValueError(f"giou_loss weight must be (N,) or (N, 4), got {tuple(weight.shape)}")
     loss = 1 - aligned_iou(pred, target, mode="giou", eps=eps)
-    return weight_reduce_loss(loss, weight, "mean", avg_factor)
+    if weight is None:
+        return weight_reduce_loss(loss, None, "mean", avg_factor)
+    reduced = weight_reduce_loss(loss, weight.mean(-1) if weight.dim() > 1 else weight, "mean", avg_factor)
+    # mmdet returns (pred * weight).sum() when no weight is positive; chosen on the device (no `if` on a tensor)
+    none_pos = (pred * (weight.unsqueeze(1) if pred.dim() == weight.dim() + 1 else weight)).sum()
+    return torch.where((weight > 0).any(), reduced, none_pos)

@@ -30,8 +30,10 @@ import sys
 import threading
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from types import FrameType
+from typing import Any
 
 import torch
 
@@ -86,12 +88,12 @@ class HostSyncCounter:
 
     # --------------------------------------------------------------------------------------------------
     def _site(self) -> str:
-        frame = sys._getframe(2)
+        frame: FrameType | None = sys._getframe(2)
         outside = None
         while frame is not None:
             name = frame.f_code.co_filename
             if name.startswith(_PIPELINE) and name != __file__:
-                return f"{name[len(_ROOT):]}:{frame.f_lineno}"
+                return f"{name[len(_ROOT) :]}:{frame.f_lineno}"
             if outside is None and not name.startswith(_SKIP):
                 outside = f"<outside> {name}:{frame.f_lineno}"
             frame = frame.f_back

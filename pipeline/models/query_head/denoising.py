@@ -119,13 +119,11 @@ class CdnQueryGenerator(nn.Module):
         return DenoisingQueries(query, box_logits, attn_mask, pad, groups, max_gt)
 
     def attention_mask(self, max_gt: int, groups: int, device: torch.device) -> Tensor:
-        """(P + Q, P + Q) bool, True = blocked."""
+        """(P + Q, P + Q) bool, True = blocked. Built from a group id per row / column (DN slot s of group
+        s // (2 * max_gt), -1 for the matching queries) by broadcasting: a handful of kernels, whatever G is.
+        Column j is blocked for row i iff j is a DN slot of another group than i's (matching rows: every DN slot)."""
         pad = 2 * max_gt * groups
         total = pad + self.num_matching_queries
-        mask = torch.zeros(total, total, dtype=torch.bool, device=device)
-        mask[pad:, :pad] = True  # matching queries cannot see DN slots
-        for g in range(groups):
-            rows = slice(2 * max_gt * g, 2 * max_gt * (g + 1))
-            mask[rows, : 2 * max_gt * g] = True
-            mask[rows, 2 * max_gt * (g + 1) : pad] = True
-        return mask
+        idx = torch.arange(total, device=device)
+        group = torch.where(idx < pad, idx // max(2 * max_gt, 1), -1)  # (P + Q,)
+        return (group[None, :] >= 0) & (group[:, None] != group[None, :])

@@ -4,7 +4,9 @@ Branches (CO_DETR_SPEC.md 1.1 "Prediction branches and init"): L + 1 separate `c
 `reg_branches` MLP (Linear C->C, ReLU) x num_reg_fcs + Linear C->4; index L (the last) scores the encoder
 proposals. Init: class bias -log((1-p)/p) with p = 0.01, last reg Linear weight and bias 0.
 
-Losses (spec 4.1, 3.4), all on per-query targets:
+Losses (spec 4.1, 3.4), all on per-query targets, with no host sync (normalisers stay tensors, positives are
+selected by masks, not by data-dependent indexing; the Hungarian matching of all decoder layers and the encoder
+proposals is one `HungarianMatcher.match_many` call, the step's one device->host copy):
 - classification: QualityFocalLoss(beta 2) with the IoU of the detached prediction with its target as the
   soft label, summed over classes, divided by max(#positives (all-reduced mean), 1);
 - L1 on normalised cxcywh and GIoU on pixel xyxy, both divided by max(#positives (all-reduced), 1).
@@ -34,7 +36,7 @@ from pipeline.models.losses import (
     sigmoid_focal_loss,
     weight_reduce_loss,
 )
-from pipeline.models.query_head.matcher import HungarianMatcher
+from pipeline.models.query_head.matcher import HungarianMatcher, Matches, MatchProblem
 
 LossTriple = tuple[Tensor, Tensor, Tensor]
 
@@ -112,18 +114,38 @@ class DINOHead(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Hungarian one-to-one targets. logits (B, Q, nc), boxes (B, Q, 4) -> labels (B, Q) (bg = nc),
         label_weights (B, Q), box_targets (B, Q, 4) cxcywh normalised, box_weights (B, Q, 4)."""
-        b, q = logits.shape[:2]
-        labels = torch.full((b, q), self.num_classes, dtype=torch.long, device=logits.device)
-        box_targets = torch.zeros(b, q, 4, device=logits.device, dtype=boxes.dtype)
+        gt_labels = [t["labels"].to(logits.device) for t in targets]
+        gt_boxes = [t["boxes"].to(device=logits.device, dtype=boxes.dtype) for t in targets]
+        (m,) = self.matcher.match_many([MatchProblem(logits[None], boxes[None], gt_labels)], gt_boxes, img_sizes)
+        out = self.targets_from_matches(m, logits.shape[:2], 1, gt_labels, gt_boxes, boxes.dtype)
+        return out[0][0], out[1][0], out[2][0], out[3][0]
+
+    def targets_from_matches(
+        self,
+        m: Matches,
+        batch_queries: Sequence[int],
+        num_layers: int,
+        gt_labels: Sequence[Tensor],
+        gt_boxes: Sequence[Tensor],
+        dtype: torch.dtype = torch.float32,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-query targets of `num_layers` prediction sets of (B, Q) = batch_queries from their matches (one
+        scatter each, no loop): labels (L, B, Q) long (bg = nc), label_weights (L, B, Q), box_targets (L, B, Q, 4)
+        cxcywh normalised, box_weights (L, B, Q, 4)."""
+        b, q = batch_queries
+        device = m.query.device
+        shape = (num_layers, b, q)
+        labels = torch.full(shape, self.num_classes, dtype=torch.long, device=device)
+        box_targets = torch.zeros(*shape, 4, device=device, dtype=dtype)
         box_weights = torch.zeros_like(box_targets)
-        for i, t in enumerate(targets):
-            gt_labels = t["labels"].to(logits.device)
-            gt_boxes = t["boxes"].to(device=logits.device, dtype=boxes.dtype)
-            q_idx, g_idx = self.matcher.match(logits[i], boxes[i], gt_labels, gt_boxes, img_sizes[i])
-            labels[i, q_idx] = gt_labels[g_idx]
-            box_targets[i, q_idx] = gt_boxes[g_idx]
-            box_weights[i, q_idx] = 1.0
-        return labels, torch.ones(b, q, device=logits.device), box_targets, box_weights
+        if len(gt_labels):
+            all_labels = torch.cat([g.to(device).long().reshape(-1) for g in gt_labels])
+            all_boxes = torch.cat([g.to(device=device, dtype=dtype).reshape(-1, 4) for g in gt_boxes])
+            where = (m.layer, m.image, m.query)
+            labels[where] = all_labels[m.gt]
+            box_targets[where] = all_boxes[m.gt]
+            box_weights[where] = 1.0
+        return labels, torch.ones(shape, device=device), box_targets, box_weights
 
     # ------------------------------------------------------------------------------------------------------
     # losses
@@ -152,7 +174,7 @@ class DINOHead(nn.Module):
         labels_f = labels.reshape(-1)
         targets_f = box_targets.reshape(-1, 4).to(boxes.dtype)
         pos = (labels_f >= 0) & (labels_f < self.num_classes)
-        num_pos = logits.new_tensor(float(pos.sum()))
+        num_pos = pos.sum().to(logits.dtype)  # a tensor: no host sync
         avg = reduce_mean(num_pos).clamp(min=1)  # one all-reduce serves the class and the box normalisers
 
         if self.cls_loss == "focal":
@@ -161,12 +183,13 @@ class DINOHead(nn.Module):
                 logits_f, labels_f, lw, avg, self.focal_alpha, self.focal_gamma
             )
         else:
-            scores = logits.new_zeros(labels_f.shape)
-            scores[pos] = aligned_iou(box_cxcywh_to_xyxy(boxes_f[pos]).detach(), box_cxcywh_to_xyxy(targets_f[pos]))
+            # IoU on every row, kept on the positives (a mask, not x[pos]: no data-dependent shape)
+            ious = aligned_iou(box_cxcywh_to_xyxy(boxes_f).detach(), box_cxcywh_to_xyxy(targets_f))
+            scores = torch.where(pos, ious, ious.new_zeros(()))
             qfl = quality_focal_loss(logits_f, labels_f, scores, beta=self.qfl_beta, class_weight=class_mask)
             loss_cls = self.cls_weight * weight_reduce_loss(qfl, label_weights.reshape(-1), "mean", avg)
 
-        box_avg = avg.item()
+        box_avg = avg  # the same tensor normaliser (mmdet reads it with .item(): a host sync per call)
         w = box_weights.reshape(-1, 4).to(boxes.dtype)
         factors = img_sizes.flip(-1).repeat(1, 2).to(boxes.dtype)[:, None].expand(b, q, 4).reshape(-1, 4)
         pred_px = box_cxcywh_to_xyxy(boxes_f) * factors
@@ -195,16 +218,27 @@ class DINOHead(nn.Module):
         """Matching-part losses of every decoder layer (`d{l}.loss_*`, last layer `loss_*`) and of the encoder
         proposals (`enc_loss_*`). all_logits: (L, B, Q, nc); all_boxes: (L, B, Q, 4); enc_*: (B, K, ...) (Co-DINO:
         the top-k proposals; Co-DeformDETR: all K = S encoder tokens, with binary_enc_labels)."""
-        cm = fed_class_mask(self, [t["labels"] for t in targets])  # FedLoss (LVIS): one selection per call
-        losses = self._per_layer(
-            [self.one_to_one_loss(all_logits[i], all_boxes[i], targets, img_sizes, cm) for i in range(len(all_logits))],
-            "loss",
-        )
-        enc_targets = targets
+        gt_labels = [t["labels"] for t in targets]
+        cm = fed_class_mask(self, gt_labels)  # FedLoss (LVIS): one selection per call
+        gt_boxes = [t["boxes"] for t in targets]
+        enc_labels = gt_labels
         if self.binary_enc_labels:  # Co-Deformable: class-agnostic proposals, every GT is class 0
-            enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-        enc_losses = self.one_to_one_loss(enc_logits, enc_boxes, enc_targets, img_sizes,
-                                          None if self.binary_enc_labels else cm)  # fmt: skip
+            enc_labels = [torch.zeros_like(g) for g in gt_labels]
+        dec = MatchProblem(all_logits.detach(), all_boxes.detach(), gt_labels)
+        enc = MatchProblem(enc_logits.detach()[None], enc_boxes.detach()[None], enc_labels)
+        dec_m, enc_m = self.matcher.match_many([dec, enc], gt_boxes, img_sizes)  # one host round trip for all
+        n_layers, b, q = all_logits.shape[:3]
+        dec_t = self.targets_from_matches(dec_m, (b, q), n_layers, gt_labels, gt_boxes)
+        enc_t = self.targets_from_matches(enc_m, enc_logits.shape[:2], 1, enc_labels, gt_boxes)
+        labels, label_w, box_t, box_w = dec_t  # (L, B, Q, ...)
+        losses = self._per_layer(
+            [self.assigned_loss(all_logits[i], all_boxes[i], labels[i], label_w[i], box_t[i], box_w[i], img_sizes,
+                                class_mask=cm) for i in range(n_layers)],
+            "loss",
+        )  # fmt: skip
+        labels, label_w, box_t, box_w = enc_t  # (1, B, K, ...)
+        enc_losses = self.assigned_loss(enc_logits, enc_boxes, labels[0], label_w[0], box_t[0], box_w[0], img_sizes,
+                                        class_mask=None if self.binary_enc_labels else cm)  # fmt: skip
         for name, value in zip(("cls", "bbox", "iou"), enc_losses):
             losses[f"enc_loss_{name}"] = value
         return losses
