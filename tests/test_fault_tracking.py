@@ -124,3 +124,30 @@ def test_stage_trains_through_outage_and_registers_later(ray_local, server, tmp_
     assert "registered:  models:/codetr-o365/1" in out.stdout
     version = client.get_model_version("codetr-o365", "1")
     assert version.run_id == res.mlflow_run_id
+
+
+@pytest.mark.slow
+def test_register_job_registers_a_checkpoint_later(tmp_path):
+    """`jobs/register.py --checkpoint URI` alone: config, categories, run id and best AP come from the checkpoint."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import dump_yaml
+    from pipeline.models import build_model
+    from pipeline.tracking import mlflow_tracking as mt
+    from pipeline.train.checkpoint import save_checkpoint
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    job = tiny_job(str(tmp_path), "model.num_classes=3", f"tracking.tracking_uri={uri}")
+    run_id = mt.get_or_create_run(uri, "codetr-pretrain", "later")
+    ckpt = save_checkpoint(str(tmp_path / "checkpoint_x"), model_state=build_model(job.model).state_dict(),
+                           trainer_state={"step": 1, "best_ap": 0.25, "mlflow_run_id": run_id},
+                           config_yaml=dump_yaml(job), categories=[{"id": i, "name": f"c{i}"} for i in (1, 2, 3)])
+    out = subprocess.run([sys.executable, os.path.join(REPO, "jobs/register.py"), "--checkpoint", ckpt],
+                         capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "registered:  models:/codetr-o365/1" in out.stdout
+    version = MlflowClient(uri).get_model_version("codetr-o365", "1")
+    assert version.run_id == run_id and version.tags["val_AP"] == "0.250000"
+    bad = subprocess.run([sys.executable, os.path.join(REPO, "jobs/register.py"), "--checkpoint", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "is not a stage checkpoint" in bad.stderr
