@@ -293,7 +293,8 @@ def test_import_job_k2_then_k0(fixture_pth, tmp_path):
                        *extra, "--out", str(out))  # fmt: skip
         assert res.returncode == 0, res.stderr[-2000:]
         outs[name] = (out, json.loads(res.stdout.strip().splitlines()[-1]))
-        assert sorted(os.listdir(out)) == ["categories.json", "config.yaml", "model.pt", "trainer_state.json"]
+        assert sorted(os.listdir(out)) == ["categories.json", "config.yaml", "manifest.json", "model.pt",
+                                        "trainer_state.json"]
     k2, k0 = outs["k2"][1], outs["k0"][1]
     assert (k2["unknown"], k2["skipped_aux"], k2["mapped"], k2["dropped_buffers"]) == (0, 0, 621, 53)
     assert (k0["unknown"], k0["skipped_aux"], k0["mapped"]) == (0, 44, 577)

@@ -161,7 +161,7 @@ def test_checkpoint_round_trip(tmp_path):
                                 config_yaml="train: {lr: 0.001}\n", categories=cats,
                                 optimizer_state=opt.state_dict(), ema_state=ema)
     assert sorted(os.listdir(d)) == sorted([ckpt_io.MODEL, ckpt_io.EMA, ckpt_io.OPTIMIZER, ckpt_io.STATE,
-                                            ckpt_io.CONFIG, ckpt_io.CATEGORIES])
+                                            ckpt_io.CONFIG, ckpt_io.CATEGORIES, ckpt_io.MANIFEST])
     for uri in (d, os.path.join(d, ckpt_io.MODEL), "file://" + d):
         loaded = ckpt_io.load_model_state(uri)
         assert loaded.keys() == net.state_dict().keys()
