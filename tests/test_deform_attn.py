@@ -10,6 +10,7 @@ import torch
 from pipeline.models.layers import deform_attn
 from pipeline.models.layers.deform_attn import (
     MultiScaleDeformableAttention,
+    deform_attn_impl,
     multi_scale_deformable_attn,
     multi_scale_deformable_attn_reference,
 )
@@ -125,6 +126,80 @@ def test_kernel_zero_queries_and_bad_shapes():
         multi_scale_deformable_attn(value[:, :-1], ODD_SHAPES, loc, weights)
     with pytest.raises(ValueError, match="attention_weights"):
         multi_scale_deformable_attn(value, ODD_SHAPES, loc, weights[..., :1])
+
+
+def test_kernel_saves_only_its_inputs():
+    value, loc, weights = (t.requires_grad_() for t in _inputs(ODD_SHAPES, dtype=torch.float32, seed=10))
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = multi_scale_deformable_attn(value, ODD_SHAPES, loc, weights, impl="pytorch")
+    allowed = {value.data_ptr(), loc.data_ptr(), weights.data_ptr(), ODD_SHAPES.data_ptr()}
+    assert saved and all(t.data_ptr() in allowed for t in saved), [tuple(t.shape) for t in saved]
+    # ... and backward still gives the reference gradients from them.
+    grads = torch.autograd.grad(out.square().sum(), (value, loc, weights))
+    ref = multi_scale_deformable_attn_reference(value, ODD_SHAPES, loc, weights)
+    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), (value, loc, weights))):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_bf16_autocast_computes_in_float32():
+    # As in the model under autocast: bf16 value (value_proj output), fp32 locations and weights. The output
+    # comes back in bf16, each gradient in its input's dtype; location / weight gradients carry float32
+    # error only (the previous kernel formed them from bf16 dot products: ~1e-2 relative error).
+    value, loc, weights = _inputs(ODD_SHAPES, B=2, Q=30, nH=2, Dh=32, P=4, seed=11)
+    v16, l32, w32 = value.bfloat16(), loc.float(), weights.float()
+    grad = torch.randn(2, 30, 64, dtype=torch.float64).bfloat16()
+    inputs = [t.clone().requires_grad_() for t in (v16, l32, w32)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = multi_scale_deformable_attn(inputs[0], ODD_SHAPES, inputs[1], inputs[2], impl="pytorch")
+    grads = torch.autograd.grad(out, inputs, grad)
+    assert out.dtype == torch.bfloat16
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
+    ref_out, ref_grads = _fwd_bwd(multi_scale_deformable_attn_reference, ODD_SHAPES, v16.double(), l32.double(),
+                                  w32.double(), grad.double())
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(grads[0].double(), ref_grads[0], atol=1e-2, rtol=1e-2)
+    for g, r in zip(grads[1:], ref_grads[1:]):
+        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_with_spatial_hw_never_reads_tensors_on_the_host():
+    # Meta tensors have no data: any host read (.tolist(), int(), bincount's size) raises. With the level sizes
+    # as Python ints the forward and backward run on meta, i.e. no host sync per call on CUDA either.
+    hw = ((3, 5), (2, 3), (1, 1))
+    shapes = torch.tensor(hw, device="meta")
+    value, loc, weights = (t.to("meta").requires_grad_() for t in _inputs(ODD_SHAPES, dtype=torch.float32))
+    out = multi_scale_deformable_attn(value, shapes, loc, weights, spatial_hw=hw, impl="pytorch")
+    grads = torch.autograd.grad(out, (value, loc, weights), torch.ones_like(out))
+    assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in (value, loc, weights)]
+    with pytest.raises(Exception, match="meta"):  # without them the sizes are read back: the test can fail
+        multi_scale_deformable_attn(value, shapes, loc, weights, impl="pytorch")
+
+
+def test_kernel_spatial_hw_checked():
+    value, loc, weights = _inputs(ODD_SHAPES)
+    with pytest.raises(ValueError, match="spatial_hw must be 3 positive"):
+        multi_scale_deformable_attn(value, ODD_SHAPES, loc, weights, spatial_hw=[(3, 5), (2, 3)])
+    with pytest.raises(ValueError, match="cover 23 tokens but value has S=22"):
+        multi_scale_deformable_attn(value, ODD_SHAPES, loc, weights, spatial_hw=[(3, 5), (2, 3), (1, 2)])
+
+
+def test_impl_switch_for_export():
+    value, loc, weights = (t.requires_grad_() for t in _inputs(ODD_SHAPES, seed=12))
+
+    def kernel_of(**kw):
+        return multi_scale_deformable_attn(value, ODD_SHAPES, loc, weights, **kw).grad_fn.name()
+
+    assert kernel_of() == "_MSDeformAttnFunctionBackward"  # auto on CPU: the PyTorch kernel
+    with deform_attn_impl("reference"):
+        assert kernel_of() != "_MSDeformAttnFunctionBackward"  # grid_sample graph (exportable)
+        assert kernel_of(impl="pytorch") == "_MSDeformAttnFunctionBackward"  # the argument wins
+    assert kernel_of() == "_MSDeformAttnFunctionBackward"  # the context is reset on exit
+    assert kernel_of(impl="reference") != "_MSDeformAttnFunctionBackward"
+    with pytest.raises(ValueError, match="must be one of"), deform_attn_impl("cuda"):
+        pass
+    with pytest.raises(ValueError, match="must be one of"):
+        kernel_of(impl="fast")
 
 
 # ----------------------------------------------------------------------------------------------- module

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -136,8 +137,8 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_values: int, dtype: torch.dtype
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_values: int, dtype: torch.dtype,
+                      derivatives: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Corner rows and separable bilinear weights of every sampling point, all levels at once.
 
     A location x in [0, 1] on a level of width w sits at pixel u = x * w - 0.5 (align_corners=False); its
@@ -149,7 +150,7 @@ def _bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_va
             value.reshape(R, Dh). A corner outside its level gets weight 0 and some in-range row.
         wx, wy: (N, 2, J) weights of the (floor, floor + 1) corner along x / y in `dtype`, 0 where outside.
         dwx, dwy: (N, 2, J) their derivatives by the location (pixel derivative (-1, +1) times the level's
-            w or h), 0 where outside.
+            w or h), 0 where outside; None unless `derivatives`.
     """
     B, Q, nH, L, P, _ = sampling_locations.shape
     N, J, S = B * Q * nH, L * P, num_values
@@ -173,9 +174,12 @@ def _bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_va
     w_lo, w_hi = (1 - frac) * ok_lo, frac * ok_hi
     wx = torch.stack([w_lo[..., 0], w_hi[..., 0]], 1)  # (N, 2, J)
     wy = torch.stack([w_lo[..., 1], w_hi[..., 1]], 1)
-    d_lo, d_hi = ok_lo * wh, ok_hi * wh  # pixel = location * wh - 0.5
-    dwx = torch.stack([-d_lo[..., 0], d_hi[..., 0]], 1)
-    dwy = torch.stack([-d_lo[..., 1], d_hi[..., 1]], 1)
+    dwx = dwy = None
+    if derivatives:
+        d_lo, d_hi = ok_lo * wh, ok_hi * wh  # pixel = location * wh - 0.5
+        dwx = torch.stack([-d_lo[..., 0], d_hi[..., 0]], 1)
+        dwy = torch.stack([-d_lo[..., 1], d_hi[..., 1]], 1)
+    del ok_lo, ok_hi, w_lo, w_hi, frac, pix
     # Row of (b, token, head) in value.reshape(R, Dh) is (b*S + token)*nH + head, and a level's token is
     # level_start + y*w + x: x steps by nH rows, y by w*nH rows.
     batch_head = torch.arange(B, device=device).view(B, 1, 1) * (S * nH) + torch.arange(nH, device=device)
@@ -197,21 +201,24 @@ def _corner_weights(wx: Tensor, wy: Tensor, attn: Tensor) -> Tensor:
 def _scatter_to_rows(rows: Tensor, weights: Tensor, grad_out: Tensor, num_rows: int) -> Tensor:
     """Transpose of the weighted gather: grad_table[r] = sum of w[n, k] * grad_out[n] over rows[n, k] == r.
 
-    rows, weights: (N, K) with rows in [0, num_rows); grad_out: (N, Dh) -> (num_rows, Dh). Zero-weight
+    rows (overwritten), weights: (N, K) with rows in [0, num_rows); grad_out: (N, Dh) -> (num_rows, Dh). Zero-weight
     entries (corners outside their level, which all share some clamped row) go to a dummy bag num_rows that
     is dropped, so no real row collects them. Entries are grouped by row with one sort, then summed per row
     by one embedding_bag (rows never touched get an empty bag, i.e. zero). Bag starts come from `bincount`
     on CPU and from `searchsorted` elsewhere (bincount reads its output size back to the host on CUDA).
     """
     K = rows.shape[1]
-    flat = rows.masked_fill(weights == 0, num_rows).view(-1)
-    sorted_rows, perm = torch.sort(flat, stable=True)
+    flat = rows.masked_fill_(weights == 0, num_rows).view(-1)
     if flat.device.type == "cpu":
+        perm = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=num_rows + 1)
         offsets = counts.cumsum(0) - counts
     else:
+        sorted_rows, perm = torch.sort(flat, stable=True)
         offsets = torch.searchsorted(sorted_rows, torch.arange(num_rows + 1, device=flat.device,
                                                                dtype=flat.dtype))
+        del sorted_rows
+    del flat
     per_entry = weights.reshape(-1).index_select(0, perm)
     bags = perm.div_(K, rounding_mode="floor")  # entry -> the output row it came from
     out = F.embedding_bag(bags, grad_out, offsets, per_sample_weights=per_entry, mode="sum")
@@ -243,8 +250,9 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         N, J = B * Q * nH, L * P
         dtype = _compute_dtype(value, sampling_locations, attention_weights)
         with _autocast_off(value.device):
-            rows, wx, wy, _, _ = _bilinear_corners(spatial_shapes, sampling_locations, S, dtype)
+            rows, wx, wy, _, _ = _bilinear_corners(spatial_shapes, sampling_locations, S, dtype, derivatives=False)
             corner_w = _corner_weights(wx, wy, attention_weights.reshape(N, J).to(dtype))
+            del wx, wy
             table = value.reshape(B * S * nH, Dh).to(dtype)
             out = F.embedding_bag(rows, table, per_sample_weights=corner_w, mode="sum")
         ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
@@ -265,16 +273,15 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         with _autocast_off(value.device):
             grad_out = grad_out.reshape(N, Dh).to(dtype)
             rows, wx, wy, dwx, dwy = _bilinear_corners(spatial_shapes, sampling_locations, S, dtype)
+            assert dwx is not None and dwy is not None
             attn = attention_weights.reshape(N, J).to(dtype)
             corner_w = _corner_weights(wx, wy, attn)
-            if need_value:
-                grad_value = _scatter_to_rows(rows, corner_w, grad_out, R).view(B, S, nH, Dh).to(value.dtype)
             if need_loc or need_attn:
                 # dots[n, i, j, p] = <grad_out[n], value at corner (y_i, x_j) of point p>. Corners outside
                 # the level drop out because their weights and weight derivatives are 0.
                 table = value.reshape(R, Dh).to(dtype)
                 dots = _corner_dots(table, rows, corner_w, grad_out).view(N, 2, 2, J)
-                del rows, corner_w, table
+                del table
                 dots_y = (dots * wx.unsqueeze(1)).sum(2)  # (N, 2y, J): bilinear in x done
                 if need_attn:
                     grad_attn = (dots_y * wy).sum(1).view(attention_weights.shape).to(attention_weights.dtype)
@@ -283,7 +290,21 @@ class _MSDeformAttnFunction(torch.autograd.Function):
                     grad_x = ((dots * wy.unsqueeze(2)).sum(1) * dwx).sum(1)
                     grad_loc = torch.stack([grad_x, grad_y], -1) * attn.unsqueeze(-1)
                     grad_loc = grad_loc.view(sampling_locations.shape).to(sampling_locations.dtype)
+                del dots, dots_y
+            del wx, wy, dwx, dwy
+            if need_value:  # last: the scatter overwrites rows
+                grad_value = _scatter_to_rows(rows, corner_w, grad_out, R).view(B, S, nH, Dh).to(value.dtype)
         return grad_value, None, grad_loc, grad_attn
+
+
+@functools.cache
+def _triton_available() -> bool:
+    """Whether the Triton kernel imports (triton installed and usable)."""
+    try:
+        import pipeline.models.layers.deform_attn_triton  # noqa: F401
+    except Exception:  # ImportError, or a triton that fails to initialise: fall back to PyTorch
+        return False
+    return True
 
 
 def _pick_impl(value: Tensor, impl: str | None) -> str:
@@ -294,11 +315,8 @@ def _pick_impl(value: Tensor, impl: str | None) -> str:
         return name
     if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
         return "reference"
-    if value.is_cuda:
-        from pipeline.models.layers import deform_attn_triton
-
-        if deform_attn_triton.triton_available():
-            return "triton"
+    if value.is_cuda and _triton_available():
+        return "triton"
     return "pytorch"
 
 
