@@ -32,15 +32,15 @@ def _parts(out: str) -> dict[str, object]:
 
 def _job(ann: str, images: str, out: str, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, str(ROOT / "jobs" / "build_shards.py"), "--annotations", ann, "--images", images,
-           "--out", out, "--split", "train", "--rows-per-shard", "40", "--serial", *extra]
+           "--out", out, "--split", "train", "--rows-per-shard", "20", "--serial", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
-def test_killed_build_resumes_to_identical_shards(tmp_path):
-    ann, images = _bench().generate_o365_like(str(tmp_path / "src"), 2000, seed=3)
+def test_killed_build_resumes_to_identical_shards(tmp_path, capsys):
+    ann, images = _bench().generate_o365_like(str(tmp_path / "src"), 1000, seed=3)
     ref = str(tmp_path / "ref")
-    ref_manifest = build_shards(ann, images, ref, "train", rows_per_shard=40, parallel=False, verbose=False)
+    ref_manifest = build_shards(ann, images, ref, "train", rows_per_shard=20, parallel=False, verbose=False)
     assert ref_manifest.splits["train"].num_shards == 50
 
     out = str(tmp_path / "out")
@@ -68,7 +68,7 @@ def test_killed_build_resumes_to_identical_shards(tmp_path):
     for name in want:
         assert got[name].equals(want[name]), name
     ids = [i for t in got.values() for i in t["image_id"].to_pylist()]
-    assert len(ids) == len(set(ids)) == 2000
+    assert len(ids) == len(set(ids)) == 1000
     assert read_manifest(out).to_dict()["splits"] == ref_manifest.to_dict()["splits"]
     assert read_manifest(out).categories == ref_manifest.categories
     assert not (Path(out) / "_build" / "train" / "spill").exists()  # spill files removed after success
@@ -76,7 +76,8 @@ def test_killed_build_resumes_to_identical_shards(tmp_path):
     # A shard whose bytes changed no longer matches its record: it alone is written again.
     victim = Path(out) / "train" / "part-00007.parquet"
     victim.write_bytes(victim.read_bytes()[:-100])
-    m = build_shards(ann, images, out, "train", rows_per_shard=40, parallel=False, verbose=True)
+    m = build_shards(ann, images, out, "train", rows_per_shard=20, parallel=False, verbose=True)
+    assert "49 of 50 shard(s) reused" in capsys.readouterr().out
     assert got["part-00007.parquet"].equals(pq.read_table(victim))
     assert m.to_dict()["splits"] == ref_manifest.to_dict()["splits"]
 
