@@ -113,13 +113,17 @@ def prediction_grid(samples: list[dict[str, Any]], names: list[str], score_min: 
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", lw=1.5, ls="--"))
             ax.text(x1, y2, _name(names, lab), color="black", fontsize=6, va="top",
                     bbox={"facecolor": "lime", "alpha": 0.7, "pad": 1, "lw": 0})
-        keep = [i for i in np.argsort(-np.asarray(s["scores"])) if s["scores"][i] >= score_min][:GRID_MAX_BOXES]
+        order = list(np.argsort(-np.asarray(s["scores"])))
+        keep = [i for i in order if s["scores"][i] >= score_min][:GRID_MAX_BOXES]
+        shown = f"{len(keep)} pred >= {score_min}"
+        if not keep:  # an early model: show its 3 best guesses rather than nothing
+            keep, shown = order[:3], f"top {min(3, len(order))} pred (none >= {score_min})"
         for i in keep:
             x1, y1, x2, y2 = s["boxes"][i]
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="red", lw=1.5))
             ax.text(x1, y1, f"{_name(names, s['labels'][i])} {s['scores'][i]:.2f}", color="white", fontsize=6,
                     va="bottom", bbox={"facecolor": "red", "alpha": 0.7, "pad": 1, "lw": 0})
-        ax.set_title(f"image {s['image_id']}: {len(s['gt_boxes'])} GT (green), {len(keep)} pred >= {score_min}",
+        ax.set_title(f"image {s['image_id']}: {len(s['gt_boxes'])} GT (green dashed), {shown} (red)",
                      fontsize=8)
     fig.tight_layout()
     return _png(fig)
