@@ -21,7 +21,8 @@
   `out_norm` LayerNorm and their simple feature pyramid (`neck.SimpleFeaturePyramid`) -> 256-channel maps at
   strides 4..64 (`out_indices` pick among those 5 levels). `has_neck=True`: `neck.build_neck` then adds no
   ChannelMapper. Deviation: timm's EVA attends globally in every block; the authors' ViT-L uses 24x24 windows
-  in 3 of every 4 blocks (same weights, different attention pattern and memory).
+  in 3 of every 4 blocks (same weights, different attention pattern and memory). The ViT-L recipes use the
+  authors' network instead (`name: vit_authors`, pipeline/models/backbones/build.py, vit.py, necks/sfp.py).
 
 `frozen_stages` (all wrappers): -1 nothing, 0 the stem (ResNet conv1+bn1, patch embedding), k>0 the stem and
 the first k stages/blocks; frozen modules get `requires_grad=False` and stay in eval mode. The authors freeze
