@@ -155,6 +155,11 @@ def test_pretrain_o365_recipe_runs(pretrain_smoke) -> None:
     assert (job.model.transformer.num_queries, job.model.dn.num_dn_queries) == (1500, 1000)
     assert job.model.test.topk == 1500 and job.data.size_divisor == 32
     assert res.metrics["step"] == 2 and "val/AP" in res.metrics
+    # async upload from /dev/shm (the recipe's): the registered checkpoint is whole
+    from pipeline.train.checkpoint import verify_checkpoint
+
+    assert job.train.checkpoint_upload == "async" and job.train.checkpoint_local_dir == "/dev/shm"
+    assert verify_checkpoint(res.checkpoint_uri.removeprefix("file://")) == ""
 
 
 @pytest.mark.slow

@@ -29,6 +29,11 @@ class TrainConfig:
     nonfinite: Literal["raise", "skip"] = "raise"  # non-finite loss: stop with per-term losses, or skip the step
     checkpoint_every_steps: int = 0  # > 0: checkpoint every N optimizer steps (plus every epoch end)
     keep_checkpoints: int = 2  # checkpoints kept in the run's storage (Ray CheckpointConfig.num_to_keep)
+    # "async": rank 0 writes the checkpoint locally and hands it to Ray's background upload (ray.train.report
+    # checkpoint_upload_mode=ASYNC), so no rank waits in the next collective for a multi-GB upload; Ray registers
+    # it (and resume can see it) only once the upload is complete. "sync": report returns after the upload.
+    checkpoint_upload: Literal["sync", "async"] = "sync"
+    checkpoint_local_dir: str = ""  # where rank 0 writes a checkpoint first: "" = the system temp dir; "/dev/shm"
     log_every_steps: int = 10  # report metrics every N optimizer steps
     seed: int = 0  # run seed: torch/numpy/augmentation seeds derive from (seed, epoch, rank)
 

@@ -204,15 +204,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          "ema_n_averaged": ema_checkpoint(ema)[1] if ema is not None else 0,
                          "mlflow_run_id": config.get("mlflow_run_id", "")}
         checkpoint, tmp = None, None
+        upload_async = tcfg.checkpoint_upload == "async"
         if rank == 0:
-            tmp = tempfile.mkdtemp(prefix="codetr-ckpt-")
+            tmp = tempfile.mkdtemp(prefix="codetr-ckpt-", dir=tcfg.checkpoint_local_dir or None)
             ckpt_io.save_checkpoint(
                 tmp, model_state=model.state_dict(), trainer_state=trainer_state, config_yaml=config_yaml,
                 categories=config["categories"], optimizer_state=optimizer.state_dict(),
                 ema_state=ema.module.state_dict() if ema is not None else None)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)  # Ray:
-        ray.train.report({**metrics, "step": state["step"], "epoch": state["epoch"]}, checkpoint=checkpoint)  # Ray:
-        if tmp is not None:  # report has copied it into the run's storage (synchronous upload)
+        mode = ray.train.CheckpointUploadMode.ASYNC if upload_async else ray.train.CheckpointUploadMode.SYNC
+        ray.train.report({**metrics, "step": state["step"], "epoch": state["epoch"]}, checkpoint=checkpoint,
+                         checkpoint_upload_mode=mode)  # Ray: async: Ray uploads in the background, then deletes tmp
+        if tmp is not None and not upload_async:  # sync: report has copied it into the run's storage
             shutil.rmtree(tmp, ignore_errors=True)
 
     trace_path = _knob(config, "CODETR_TRACE_IDS")
