@@ -9,8 +9,9 @@ Sections (each prints its own block; a failing section is reported and the next 
   deform_attn  - deformable attention: forward+backward time, peak memory and max difference of the Triton
                  kernel and the PyTorch kernel against the grid_sample reference, at the Co-DINO R50 decoder
                  (B=2, Q=900 + 200 denoising) and encoder (B=2, S=Q=89,023) shapes, fp32 and bf16 autocast.
-  train_step   - (lead) one Co-DINO training step.
-  collectives  - (lead) all-reduce / broadcast checks.
+  train_step   - bf16 training step of Co-DINO R50 at 800x1333, batch 2, K = 0 / 1 / 2: images/s, peak memory,
+                 ratios to K = 0; fp32 loss terms under autocast.
+  collectives  - every pipeline.dist helper under NCCL and the mixed cpu:gloo,cuda:nccl backend (world size 1).
 Exit status 1 if any check failed.
 """
 
@@ -167,13 +168,93 @@ def section_deform_attn(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------- training step
 
 def section_train_step(args: argparse.Namespace) -> None:
-    report("  not written yet (lead: one Co-DINO training step: time, peak memory, host syncs)")
+    """bf16 training step of Co-DINO R50 at 800x1333 (batch 2, 20 boxes each), K = 0, 1, 2: images/s and peak
+    memory, ratios to K = 0; checks that every loss term comes out fp32 under autocast and that the step is finite."""
+    if args.cpu or not torch.cuda.is_available():
+        report("  skipped: no CUDA device (the training step is measured only on a GPU)")
+        return
+    from pipeline.config import load_config, replace
+    from pipeline.models import build_model
+    from pipeline.train.steps import autocast_context
+
+    device = torch.device("cuda")
+    batch, (h, w) = 2, (800, 1333)
+    base = load_config(str(ROOT / "configs/model/co_dino_r50.yaml")).model
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, h, w, generator=g).to(device)
+    targets = []
+    for _ in range(batch):
+        cxcy = torch.rand(20, 2, generator=g) * 0.8 + 0.1
+        wh = torch.rand(20, 2, generator=g) * 0.3 + 0.02
+        targets.append({"boxes": torch.cat([cxcy, wh], 1).to(device),
+                        "labels": torch.randint(0, base.num_classes, (20,), generator=g).to(device),
+                        "size": torch.tensor([h, w], device=device)})
+    results: dict[int, tuple[float, float]] = {}
+    for heads in ((), ("atss",), ("atss", "faster_rcnn")):
+        cfg = replace(base, **{"backbone.pretrained": False, "co.aux_heads": heads})
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+        def step(model: torch.nn.Module = model, opt: torch.optim.Optimizer = opt) -> dict[str, torch.Tensor]:
+            with autocast_context(device, "bf16"):
+                losses = model(images, None, targets)
+            losses = {k: v.float() for k, v in losses.items()}  # as steps.backward_micro_batch
+            sum(v for k, v in losses.items() if "loss" in k).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return losses
+
+        with autocast_context(device, "bf16"):
+            raw = model(images, None, targets)
+        low = sorted(k for k, v in raw.items() if v.is_floating_point() and v.dtype != torch.float32)
+        check(not low, f"K={len(heads)}: the model returns fp32 loss terms under bf16 autocast {low[:5]}")
+        del raw
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.reset_peak_memory_stats()
+        ms = cuda_time(step, warmup=2, reps=5)
+        losses = step()
+        check(all(bool(torch.isfinite(v)) for v in losses.values()), f"K={len(heads)}: finite losses")
+        results[len(heads)] = (batch / (ms / 1000), torch.cuda.max_memory_allocated() / 2**30)
+        del model, opt
+        torch.cuda.empty_cache()
+    ips0, mem0 = results[0]
+    report(f"  {'K':>3} {'images/s':>9} {'peak GiB':>9} {'step time / K=0':>16} {'peak / K=0':>11}")
+    for k, (ips, mem) in results.items():
+        report(f"  {k:>3} {ips:9.2f} {mem:9.2f} {ips0 / ips:16.2f} {mem / mem0:11.2f}")
 
 
 # ------------------------------------------------------------------------------------------- collectives
 
 def section_collectives(args: argparse.Namespace) -> None:
-    report("  not written yet (lead: all-reduce / broadcast checks)")
+    """Every pipeline.dist helper with the tensors the loop passes, under NCCL and under the mixed backend the
+    trainer initialises for GPU runs (world size 1)."""
+    report("  proves: each pipeline.dist helper accepts what the loop passes (CUDA loss normalisers, the bool/int\n"
+           "  agreements, object lists) under 'nccl' and 'cpu:gloo,cuda:nccl', and puts its own tensors on the GPU.\n"
+           "  does not prove: pairing across ranks, multi-node NCCL transport, timeouts (needs >= 2 GPUs).")
+    if args.cpu or not torch.cuda.is_available():
+        report("  skipped: no CUDA device")
+        return
+    import os
+
+    import torch.distributed as tdist
+
+    from pipeline import dist as pcoll
+
+    torch.cuda.set_device(0)
+    for i, backend in enumerate(("nccl", pcoll.torch_backend(use_gpu=True))):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29611 + i))
+        tdist.init_process_group(backend, rank=0, world_size=1)
+        try:
+            check(pcoll.collective_device().type == "cuda", f"{backend}: helper tensors on CUDA")
+            check(float(pcoll.reduce_mean(torch.tensor(3.0, device="cuda"))) == 3.0, f"{backend}: reduce_mean(cuda)")
+            finite = torch.isfinite(torch.tensor([1.0], device="cuda")).all()
+            check(pcoll.all_agree(finite) and pcoll.all_agree(True), f"{backend}: all_agree (tensor and bool)")
+            check(pcoll.all_gather_objects([1, 2]) == [[1, 2]], f"{backend}: all_gather_objects")
+            check(pcoll.gather_objects({"n": 1}) == [{"n": 1}], f"{backend}: gather_objects")
+            check(pcoll.broadcast_object("ckpt") == "ckpt", f"{backend}: broadcast_object")
+        finally:
+            tdist.destroy_process_group()
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
