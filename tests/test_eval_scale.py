@@ -103,6 +103,7 @@ def _eval_loop(config):
             json.dump({"images": dets.images.tolist(), "max_count": int(dets.counts.max(initial=0))}, f)
 
 
+@pytest.mark.slow  # a 2-worker TorchTrainer: ~4-5 min on the loaded 2-core dev machine
 @pytest.mark.parametrize("lossless", [True, False], ids=["lossless", "ray-default"])
 def test_two_workers_evaluate_every_val_image_once(setup, ray_local, tmp_path, lossless):
     """5 val images over 2 workers: the trainer's val config gives rank 0 all 5, each once (Detections.concat
@@ -136,6 +137,7 @@ def test_two_workers_evaluate_every_val_image_once(setup, ray_local, tmp_path, l
         assert len(got["images"]) == VAL_IMAGES - 1 and set(got["images"]) < set(setup["val_ids"])
 
 
+@pytest.mark.slow  # a job subprocess + a Ray Data actor pool: ~4 min on the loaded 2-core dev machine
 def test_evaluate_job_runs_on_a_ray_worker_and_matches_in_process(setup, ray_local):
     """jobs/evaluate.py (a subprocess attached to the test's Ray instance) on a checkpoint directory: the model
     runs in one CPU actor, all 5 val images are scored, and the metrics equal the in-process evaluation."""
