@@ -243,7 +243,7 @@ def test_detections_cap_and_concat():
     assert d.capped(2).labels.tolist() == [1, 3] and d.capped(2).counts.tolist() == [2, 0]
     assert d.nbytes == 2 * 8 + 2 * 4 + 3 * 16 + 3 * 4 + 3 * 4
     res = d.coco_results([10, 11, 12, 13])
-    np.testing.assert_array_equal(res[0], [7, 4, 5, 4, 4, 0.9000000357627869, 11])
+    np.testing.assert_array_equal(res[0], [7, 4, 5, 2, 2, float(np.float32(0.9)), 11])  # box [4, 5, 6, 7] as xywh
     with pytest.raises(ValueError, match=r"images predicted more than once: \[7\]"):
         Detections.concat([d, d])
     with pytest.raises(ValueError, match="labels span 0..3, expected 0..1"):
