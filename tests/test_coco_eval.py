@@ -244,7 +244,7 @@ def test_detections_cap_and_concat():
     assert d.nbytes == 2 * 8 + 2 * 4 + 3 * 16 + 3 * 4 + 3 * 4
     res = d.coco_results([10, 11, 12, 13])
     np.testing.assert_array_equal(res[0], [7, 4, 5, 2, 2, float(np.float32(0.9)), 11])  # box [4, 5, 6, 7] as xywh
-    with pytest.raises(ValueError, match=r"images predicted more than once: \[7\]"):
+    with pytest.raises(ValueError, match=r"images predicted more than once: \[3, 7\]"):
         Detections.concat([d, d])
     with pytest.raises(ValueError, match="labels span 0..3, expected 0..1"):
         d.coco_results([10, 11])
