@@ -140,8 +140,12 @@ def main() -> None:
     if not args.skip_cpu:
         print(f"\n== CPU (reduced size): ViT-L width (1024, 16 heads), {args.cpu_depth} blocks (global "
               f"{_global_blocks(args.cpu_depth)}), + SFP, batch 1, float32, sizes {args.cpu_sizes} ==")
-        cpu = [_subprocess_row([str(args.cpu_depth), str(s), a, c, "cpu", str(args.repeat)])
-               for s in args.cpu_sizes for a in ("window", "global") for c in ("0", "1")]  # fmt: skip
+        cpu = []
+        for s in args.cpu_sizes:
+            for a in ("window", "global"):
+                for c in ("0", "1"):
+                    cpu.append(_subprocess_row([str(args.cpu_depth), str(s), a, c, "cpu", str(args.repeat)]))
+                    print(f"  done: {json.dumps(cpu[-1])}  load {_loadavg()}", flush=True)
         _table(cpu)
         rows += cpu
     print(f"\n== GPU: ViT-L (24 blocks, COCO pattern) + SFP, batch 1, bf16 autocast, sizes {args.gpu_sizes} ==")
