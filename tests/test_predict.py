@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -34,7 +35,8 @@ def setup(tmp_path_factory):
     shards = str(work / "shards")
     for split, paths in gen.splits.items():
         build_shards(paths.annotations, paths.images, shards, split=split, parallel=False)
-    categories = [{"id": c["id"], "name": c["name"]} for c in storage.read_json(f"{shards}/manifest.json")["categories"]]
+    manifest = storage.read_json(f"{shards}/manifest.json")
+    categories = [{"id": c["id"], "name": c["name"]} for c in manifest["categories"]]
     job = load_config(os.path.join(REPO, "configs/local/finetune_coco.yaml"),
                       ["model.num_classes=3", "data.eval_size=[80,120]", f"data.shards={shards}",
                        f"work_dir={work}"])
@@ -110,12 +112,12 @@ def test_predict_image_list_skips_bad_input_and_writes_outputs(setup, ray_local,
         assert len(r["scores"]) == len(w["scores"])
         assert r["width"] > 0 and np.asarray(r["boxes"])[:, 2].max() <= r["width"] + 1e-3
     uris = write_outputs(str(tmp_path / "out"), rows, skipped, {"model": setup["uri"], **stats})
-    coco = json.loads(open(uris["detections.json"]).read())
+    coco = json.loads(Path(uris["detections.json"]).read_text())
     assert {d["image_id"] for d in coco} == {1, 3, 5} and all(len(d["bbox"]) == 4 for d in coco)
     assert {d["category_id"] for d in coco} <= {c["id"] for c in setup["categories"]}
     table = pq.read_table(uris["predictions.parquet"])
     assert table.column("image_id").to_pylist() == [1, 3, 5]
-    assert len(json.loads(open(uris["skipped.json"]).read())) == 2
+    assert len(json.loads(Path(uris["skipped.json"]).read_text())) == 2
 
 
 def test_predict_job_bad_model_uri_is_one_line_error(setup):

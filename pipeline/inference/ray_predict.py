@@ -141,7 +141,10 @@ def predict_dataset(loaded: LoadedModel, source: ImageSource, *, batch_size: int
                         fn_constructor_kwargs={"loaded": loaded, "use_gpu": use_gpu})
     rows, skipped = [], []
     t0 = time.perf_counter()
+    t_first, n_first = None, 0
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if t_first is None:  # pipeline start-up (workers, actors, model load) ends with the first result
+            t_first, n_first = time.perf_counter(), table.num_rows
         for r in table.to_pylist():
             if r["error"]:
                 skipped.append({"image_id": r["image_id"], "path": r["path"], "error": r["error"]})
@@ -152,6 +155,9 @@ def predict_dataset(loaded: LoadedModel, source: ImageSource, *, batch_size: int
             progress(len(rows) + len(skipped), total, time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
     stats = {"images": len(rows), "skipped": len(skipped), "seconds": round(seconds, 3),
-             "images_per_s": round(len(rows) / seconds, 3) if seconds > 0 else 0.0, "batch_size": batch_size,
+             "images_per_s": round(len(rows) / seconds, 3) if seconds > 0 else 0.0,
+             "startup_s": round((t_first or t0) - t0, 3),
+             "images_per_s_after_first_batch": round((len(rows) + len(skipped) - n_first) / max(
+                 1e-9, time.perf_counter() - (t_first or t0)), 3) if t_first else 0.0, "batch_size": batch_size,
              "num_actors": num_actors, "gpu": bool(use_gpu)}
     return rows, skipped, stats

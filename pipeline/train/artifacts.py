@@ -42,9 +42,10 @@ class Progress:
         eta = (self.total - step) * elapsed / done if done > 0 and self.total > step else 0.0
         pct = f" ({100 * step / self.total:.0f}%)" if self.total else ""
         total = f"/{self.total}" if self.total else ""
-        return (f"[train] step {step}{total}{pct} epoch {epoch} | loss {metrics.get('train/loss', float('nan')):.4f} | "
-                f"lr {metrics.get('train/lr', float('nan')):.2e} | {metrics.get('train/images_per_s', 0.0):.1f} img/s | "
-                f"data wait {100 * metrics.get('train/data_wait_fraction', 0.0):.0f}% | ETA {_hms(eta)}")
+        loss, lr = metrics.get("train/loss", float("nan")), metrics.get("train/lr", float("nan"))
+        speed, wait = metrics.get("train/images_per_s", 0.0), metrics.get("train/data_wait_fraction", 0.0)
+        return (f"[train] step {step}{total}{pct} epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | {speed:.1f} img/s | "
+                f"data wait {100 * wait:.0f}% | ETA {_hms(eta)}")
 
 
 def total_steps(epochs: int, steps_per_epoch: int, max_steps: int) -> int:
