@@ -184,8 +184,6 @@ def test_finetune_lvis_recipe_runs(pretrain_smoke, tmp_path) -> None:
 TUNE_OVERRIDES = [
     "search.num_samples=2", "search.max_concurrent=1",
     "search.scheduler={type: asha, time_attr: epoch, max_t: 1, grace_period: 1, reduction_factor: 2}",
-    "job.data.augment.scales=[64,96]", "job.data.augment.max_size=128", "job.data.augment.crop_scales=[64,80]",
-    "job.data.augment.crop_size=[48,64]", "job.data.eval_size=[96,128]",
 ]
 
 
@@ -193,12 +191,15 @@ TUNE_OVERRIDES = [
 def test_tune_recipe_runs(ray_local, tmp_path) -> None:
     from pipeline.tune.search import load_search, run_search
 
-    job_level = [o for o in recipe_overrides("finetune_coco.yaml", tmp_path)
-                 if not o.startswith(("synthetic.classes", "scaling.num_workers", "data.augment", "data.eval"))]
-    overrides = [*TUNE_OVERRIDES, *(f"job.{o}" for o in job_level), "job.scaling.num_workers=1",
-                 "job.synthetic.classes=8", "job.model.backbone.name=resnet18"]
+    job_level = [*CANNOT_RUN_HERE["data"], *CANNOT_RUN_HERE["steps"], *CANNOT_RUN_HERE["workers"],
+                 *IMAGE_SIZES["detr"], *SMALL_BACKBONE["resnet"], "model.backbone.pretrained=false",
+                 "scaling.num_workers=1", "synthetic.style=coco", "synthetic.classes=8",
+                 f"work_dir={tmp_path}", f"storage_path={tmp_path / 'ray_results'}",
+                 f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    overrides = [*TUNE_OVERRIDES, *(f"job.{o}" for o in job_level)]
     USED_OVERRIDES["tune_co_heads.yaml"] = [o.replace(str(tmp_path), "<tmp>") for o in overrides]
     cfg = load_search(str(CONFIGS / "tune_co_heads.yaml"), overrides)
     assert cfg.search.algo == "optuna" and set(cfg.search.space) >= {"model.co.lambda1", "model.co.aux_heads"}
+    assert cfg.job.model.transformer.num_queries == 900  # the R50 recipe's queries, kept
     res = run_search(cfg)
-    assert len(res.rows) == 2 and res.best is not None
+    assert len(res.rows) == 2 and res.best is not None, res.rows
