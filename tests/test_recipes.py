@@ -178,6 +178,7 @@ def test_finetune_lvis_recipe_runs(pretrain_smoke, tmp_path) -> None:
     job, res = _run("finetune_lvis.yaml", tmp_path, [f"init.from={pretrain_smoke[1].checkpoint_uri}"])
     assert job.data.augment.policy == "lsj" and not job.model.transformer.with_padding_mask
     assert job.eval.protocol == "lvis" and job.model.num_classes == 1203
+    assert job.model.loss.fed_loss and job.model.backbone.vit.use_lsj  # FedLoss on, fixed rotary grid
     assert res.metrics["step"] == 2 and "val/APr" in res.metrics
 
 
