@@ -333,11 +333,29 @@ def build_model(cfg: ModelConfig) -> CoDETR:
         (cfg.co.min_pos_queries, cfg.co.max_pos_queries), loss_weights(cfg),
     )  # fmt: skip
     if cfg.loss.fed_loss:  # LVIS: query head, ATSS and RoI class losses over GT + sampled classes
-        from pipeline.models.fed_loss import attach_fed_loss, fed_weights
+        from pipeline.models.fed_loss import fed_weights
 
         weight = fed_weights(cfg.loss.fed_loss_image_counts, cfg.num_classes, cfg.loss.fed_loss_power)
         attach_fed_loss(model, cfg.num_classes, cfg.loss.fed_loss_num_classes, weight)
     return model
+
+
+def attach_fed_loss(model: nn.Module, num_classes: int, num_sample: int, weight: Tensor) -> list[str]:
+    """Give the query head, every ATSS head and every RoI box head a FedLoss (shared weights, own buffer);
+    returns the attached module names. `model` is a CoDETR."""
+    from pipeline.models.aux_heads.atss import ATSSHead
+    from pipeline.models.aux_heads.roi_head import RoIHead
+    from pipeline.models.fed_loss import FedLoss
+
+    owners: list[tuple[str, nn.Module]] = [("head", model.head)]
+    for name, m in model.named_modules():
+        if isinstance(m, ATSSHead):
+            owners.append((name, m))
+        elif isinstance(m, RoIHead):
+            owners.append((f"{name}.bbox_head", m.bbox_head))
+    for _, owner in owners:
+        owner.fed_loss = FedLoss(num_classes, num_sample, weight)
+    return [f"{name}.fed_loss" for name, _ in owners]
 
 
 def _build_aux(

@@ -24,7 +24,8 @@ FedLoss, only the `fed_loss_weight` buffers of the LVIS checkpoints, CO_DETR_SPE
   which the authors' RoI head (fc_cls nc + 1, softmax) does not; this keeps their head and its weights.
 Not restricted: the aux-query decoder losses (`aux_queries.groups`) and the RetinaNet / FCOS / GFL aux heads.
 
-Module placement: one `FedLoss` per head, attached by `attach_fed_loss` as `head.fed_loss`,
+Module placement: one `FedLoss` per head, attached by `co_detr.attach_fed_loss` (the assembly, which knows every
+head) as `head.fed_loss`,
 `aux_heads.{k}.fed_loss` (ATSS) and `aux_heads.{k}.roi_head.bbox_head.fed_loss` (RoI); its buffer
 `fed_loss_weight` is saved with the checkpoints (the authors' `*.loss_cls.fed_loss_weight`, mapped by
 pipeline/checkpoints/convert.py). Heads read it with `fed_class_mask(head, labels)` (None when absent).
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FedLoss", "attach_fed_loss", "fed_class_mask", "fed_softmax_cross_entropy", "fed_weights"]
+__all__ = ["FedLoss", "fed_class_mask", "fed_softmax_cross_entropy", "fed_weights"]
 
 
 def fed_weights(image_counts: Sequence[int], num_classes: int, power: float = 0.5) -> Tensor:
@@ -110,20 +111,3 @@ def fed_softmax_cross_entropy(cls_score: Tensor, labels: Tensor, class_mask: Ten
     """
     keep = torch.cat([class_mask.bool(), class_mask.new_ones(1, dtype=torch.bool)])
     return F.cross_entropy(cls_score.masked_fill(~keep, float("-inf")), labels, reduction="none")
-
-
-def attach_fed_loss(model: nn.Module, num_classes: int, num_sample: int, weight: Tensor) -> list[str]:
-    """Give the query head, every ATSS head and every RoI box head a FedLoss (shared weights, own buffer);
-    returns the attached module names. `model` is a CoDETR."""
-    from pipeline.models.aux_heads.atss import ATSSHead
-    from pipeline.models.aux_heads.roi_head import RoIHead
-
-    owners: list[tuple[str, nn.Module]] = [("head", model.head)]
-    for name, m in model.named_modules():
-        if isinstance(m, ATSSHead):
-            owners.append((name, m))
-        elif isinstance(m, RoIHead):
-            owners.append((f"{name}.bbox_head", m.bbox_head))
-    for _, owner in owners:
-        owner.fed_loss = FedLoss(num_classes, num_sample, weight)
-    return [f"{name}.fed_loss" for name, _ in owners]
