@@ -41,6 +41,7 @@ from pipeline.models.fed_loss import fed_class_mask
 from pipeline.models.losses import giou_loss, reduce_mean, sigmoid_focal_loss, weight_reduce_loss
 from pipeline.models.task_modules.anchors import cached_grid_anchors, cached_valid_flags
 from pipeline.models.task_modules.atss_assigner import ATSSAssigner
+from pipeline.models.task_modules.batching import pad_gts
 
 
 class Scale(nn.Module):
@@ -167,6 +168,45 @@ class ATSSHead(AuxHead):
         targets[pos_idx] = gt_boxes[result.gt_inds[pos] - 1]
         return labels, label_weights, targets, int(pos.sum())
 
+    def _pad(self, size: list[int]) -> tuple[int, int]:
+        """An image's padded extent for the valid flags: ceil to pad_size_divisor, or everything (divisor 0)."""
+        h, w = (int(v) for v in size)
+        if self.pad_size_divisor > 0:
+            d = self.pad_size_divisor
+            return (-(-h // d) * d, -(-w // d) * d)
+        return (10**9, 10**9)  # every location of the batch maps is valid
+
+    @torch.no_grad()
+    def get_targets_batch(
+        self, anchors: Tensor, num_level_anchors: list[int], flags: list[Tensor], targets: list[dict[str, Tensor]],
+        img_sizes: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        """`get_targets` for every image at once when all share the valid flags: anchors (N, 4), flags per level,
+        targets' boxes cxcywh normalised by img_sizes (B, 2) (h, w) -> labels (B, N) bg = nc, label_weights (B, N),
+        targets (B, N, 4) GT xyxy pixels, #pos (B,) long. Equal to `get_targets` per image."""
+        device = anchors.device
+        gt, gt_labels, gt_valid = pad_gts([t["boxes"].to(device=device, dtype=torch.float32) for t in targets],
+                                          [t["labels"].to(device) for t in targets])  # fmt: skip
+        hw = img_sizes.to(device=device, dtype=torch.float32)
+        gt_xyxy = box_cxcywh_to_xyxy(gt) * torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], 1)[:, None]
+        valid = torch.cat(flags)
+        all_valid = bool(valid.all())
+        num_level_valid = num_level_anchors if all_valid else [int(f.sum()) for f in flags]
+        res = self.assigner.assign_batch(anchors if all_valid else anchors[valid], num_level_valid, gt_xyxy,
+                                         gt_labels, gt_valid)  # (B, N_valid)  # fmt: skip
+        pos = res.gt_inds > 0
+        lab_v = torch.where(pos, res.labels, self.num_classes)
+        tgt_v = gt_xyxy.gather(1, (res.gt_inds - 1).clamp(min=0)[..., None].expand(-1, -1, 4))
+        tgt_v = torch.where(pos[..., None], tgt_v, tgt_v.new_zeros(()))
+        b, n = gt.shape[0], anchors.shape[0]
+        if all_valid:
+            labels, tgt = lab_v, tgt_v
+        else:
+            labels = lab_v.new_full((b, n), self.num_classes)
+            tgt = tgt_v.new_zeros((b, n, 4))
+            labels[:, valid], tgt[:, valid] = lab_v, tgt_v
+        return labels, valid.to(anchors.dtype)[None].expand(b, -1), tgt, pos.sum(1)
+
     def forward_train(
         self, feats: list[Tensor], targets: list[dict[str, Tensor]], img_sizes: Tensor
     ) -> tuple[dict[str, Tensor], AuxPositives]:
@@ -178,33 +218,38 @@ class ATSSHead(AuxHead):
         num_level_anchors = [a.shape[0] for a in level_anchors]
         anchors = torch.cat(level_anchors)  # (N, 4)
 
-        all_labels, all_weights, all_targets, num_pos_total = [], [], [], 0
-        for i in range(b):
-            h, w = (int(v) for v in img_sizes[i])
-            if self.pad_size_divisor > 0:
-                d = self.pad_size_divisor
-                pad = (-(-h // d) * d, -(-w // d) * d)
-            else:
-                pad = (10**9, 10**9)  # every location of the batch maps is valid
-            flags = cached_valid_flags(sizes, self.strides, pad, 1, device)
-            gt = targets[i]["boxes"].to(device=device, dtype=torch.float32)
-            gt_xyxy = box_cxcywh_to_xyxy(gt) * gt.new_tensor([w, h, w, h])
-            labels, weights, tgt, num_pos = self.get_targets(
-                anchors, num_level_anchors, flags, gt_xyxy, targets[i]["labels"].to(device)
+        pads = [self._pad(s) for s in img_sizes.tolist()]
+        flags = [cached_valid_flags(sizes, self.strides, p, 1, device) for p in pads]
+        if all(f is flags[0] for f in flags):  # every image has the same valid anchors (always with the default
+            # pad_size_divisor 0): one batched assignment, the same result as per image
+            labels_t, weights_t, targets_t, num_pos = self.get_targets_batch(
+                anchors, num_level_anchors, flags[0], targets, img_sizes
             )
-            all_labels.append(labels)
-            all_weights.append(weights)
-            all_targets.append(tgt)
-            num_pos_total += max(num_pos, 1)  # mmdet SamplingResult.num_pos = max(#pos, 1)
+            num_pos_total = int(num_pos.clamp(min=1).sum())  # mmdet SamplingResult.num_pos = max(#pos, 1)
+            all_labels, all_targets = list(labels_t.unbind(0)), list(targets_t.unbind(0))
+        else:
+            all_labels, all_weights, all_targets, num_pos_total = [], [], [], 0
+            for i in range(b):
+                h, w = (int(v) for v in img_sizes[i])
+                gt = targets[i]["boxes"].to(device=device, dtype=torch.float32)
+                gt_xyxy = box_cxcywh_to_xyxy(gt) * gt.new_tensor([w, h, w, h])
+                labels, weights, tgt, num_pos_i = self.get_targets(
+                    anchors, num_level_anchors, flags[i], gt_xyxy, targets[i]["labels"].to(device)
+                )
+                all_labels.append(labels)
+                all_weights.append(weights)
+                all_targets.append(tgt)
+                num_pos_total += max(num_pos_i, 1)  # mmdet SamplingResult.num_pos = max(#pos, 1)
+            labels_t, weights_t, targets_t = torch.stack(all_labels), torch.stack(all_weights), torch.stack(all_targets)
 
         losses = self.loss(
             anchors,
             cls_scores,
             bbox_preds,
             centernesses,
-            torch.stack(all_labels),
-            torch.stack(all_weights),
-            torch.stack(all_targets),
+            labels_t,
+            weights_t,
+            targets_t,
             num_pos_total,
             class_mask=fed_class_mask(self, [t["labels"] for t in targets]),  # FedLoss (LVIS) or None
         )

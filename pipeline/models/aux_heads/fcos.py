@@ -35,6 +35,7 @@ from pipeline.models.aux_heads.base import AuxHead, AuxPositives
 from pipeline.models.aux_heads.faster_rcnn import gt_to_pixels
 from pipeline.models.aux_heads.table import AuxBuildContext, FCOSConfig
 from pipeline.models.losses import giou_loss, reduce_mean, sigmoid_focal_loss
+from pipeline.models.task_modules.batching import pad_gts
 
 _INF = 1e8
 
@@ -89,6 +90,34 @@ class FCOSAssigner:
         labels[min_area == _INF] = num_classes
         idx[min_area == _INF] = -1
         return labels, idx
+
+    @torch.no_grad()
+    def assign_batch(
+        self, points: Tensor, point_strides: Tensor, ranges: Tensor, gt: Tensor, gt_labels: Tensor, gt_valid: Tensor,
+        num_classes: int,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """`assign` for every image at once: GT padded (B, G, 4), (B, G), valid (B, G) -> labels (B, N),
+        gt index (B, N) (-1 = none); equal to `assign` per image (elementwise, exact minima)."""
+        b, n = gt.shape[0], points.shape[0]
+        x, y = points[None, :, 0:1], points[None, :, 1:2]  # (1, N, 1)
+        g = gt[:, None]  # (B, 1, G, 4)
+        ltrb = torch.stack([x - g[..., 0], y - g[..., 1], g[..., 2] - x, g[..., 3] - y], -1)  # (B, N, G, 4)
+        if self.center_sampling:
+            cx, cy = (g[..., 0] + g[..., 2]) / 2, (g[..., 1] + g[..., 3]) / 2  # (B, 1, G)
+            r = point_strides[None, :, None] * self.radius  # (1, N, 1)
+            x0, y0 = torch.maximum(cx - r, g[..., 0]), torch.maximum(cy - r, g[..., 1])
+            x1, y1 = torch.minimum(cx + r, g[..., 2]), torch.minimum(cy + r, g[..., 3])
+            inside = torch.stack([x - x0, y - y0, x1 - x, y1 - y], -1).min(-1).values > 0
+        else:
+            inside = ltrb.min(-1).values > 0
+        largest = ltrb.max(-1).values  # (B, N, G)
+        in_range = (largest >= ranges[None, :, 0:1]) & (largest <= ranges[None, :, 1:2])
+        areas = ((g[..., 2] - g[..., 0]) * (g[..., 3] - g[..., 1])).expand(b, n, -1)
+        areas = torch.where(inside & in_range & gt_valid[:, None, :], areas, areas.new_tensor(_INF))
+        min_area, idx = areas.min(2)  # first GT on ties, padded GTs last
+        none = min_area == _INF
+        labels = torch.where(none, num_classes, gt_labels.gather(1, idx).long())
+        return labels, torch.where(none, -1, idx)
 
 
 def _distances_to_boxes(points: Tensor, d: Tensor) -> Tensor:
@@ -163,14 +192,10 @@ class FCOSHead(AuxHead):
         point_strides = torch.cat([p.new_full((p.shape[0],), float(s)) for p, s in zip(level_points, self.strides)])
         ranges = torch.cat([p.new_tensor(r).expand(p.shape[0], 2) for p, r in zip(level_points, self.regress_ranges)])
         gt_boxes, gt_labels = gt_to_pixels(targets, img_sizes, device)
-        labels, assigned = [], []
-        for gt, lab in zip(gt_boxes, gt_labels):
-            lb, idx = self.assigner.assign(points, point_strides, ranges, gt, lab, nc)
-            a = points.new_zeros((points.shape[0], 4))
-            a[idx >= 0] = gt[idx[idx >= 0]]
-            labels.append(lb)
-            assigned.append(a)
-        labels_t, assigned_t = torch.stack(labels), torch.stack(assigned)  # (B, N), (B, N, 4)
+        gt_pad, lab_pad, gt_valid = pad_gts(gt_boxes, gt_labels)  # one batched assignment
+        labels_t, idx = self.assigner.assign_batch(points, point_strides, ranges, gt_pad, lab_pad, gt_valid, nc)
+        assigned_t = gt_pad.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, 4))
+        assigned_t = torch.where((idx >= 0)[..., None], assigned_t, assigned_t.new_zeros(()))  # (B, N, 4)
 
         cls = torch.cat([s.permute(0, 2, 3, 1).reshape(b, -1, nc) for s in cls_scores], 1).float()
         dist = torch.cat([d.permute(0, 2, 3, 1).reshape(b, -1, 4) for d in dists], 1)

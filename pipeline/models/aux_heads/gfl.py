@@ -36,6 +36,7 @@ from pipeline.models.box_ops import aligned_iou
 from pipeline.models.losses import giou_loss, quality_focal_loss, reduce_mean, weight_reduce_loss
 from pipeline.models.task_modules.anchors import cached_grid_anchors
 from pipeline.models.task_modules.atss_assigner import ATSSAssigner
+from pipeline.models.task_modules.batching import pad_gts
 
 
 def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -111,18 +112,13 @@ class GFLHead(AuxHead):
         anchors = torch.cat(level_anchors)  # (N, 4)
         anchor_strides = torch.cat([a.new_full((a.shape[0],), float(s)) for a, s in zip(level_anchors, self.strides)])
         gt_boxes, gt_labels = gt_to_pixels(targets, img_sizes, device)
-        labels, assigned, num_pos = [], [], 0
-        for gt, lab in zip(gt_boxes, gt_labels):
-            res = self.assigner.assign(anchors, [a.shape[0] for a in level_anchors], gt, lab)
-            pos = res.gt_inds > 0
-            lb = torch.full_like(res.gt_inds, nc)
-            lb[pos] = res.labels[pos]
-            a = anchors.new_zeros(anchors.shape)
-            a[pos] = gt[res.gt_inds[pos] - 1]
-            labels.append(lb)
-            assigned.append(a)
-            num_pos += max(int(pos.sum()), 1)  # mmdet: sum_b max(#pos_b, 1)
-        labels_t, assigned_t = torch.stack(labels), torch.stack(assigned)  # (B, N), (B, N, 4)
+        gt, gt_lab, gt_valid = pad_gts(gt_boxes, gt_labels)  # (B, G, 4), (B, G), (B, G): one batched assignment
+        res = self.assigner.assign_batch(anchors, [a.shape[0] for a in level_anchors], gt, gt_lab, gt_valid)
+        pos = res.gt_inds > 0  # (B, N)
+        labels_t = torch.where(pos, res.labels, nc)
+        assigned_t = gt.gather(1, (res.gt_inds - 1).clamp(min=0)[..., None].expand(-1, -1, 4))
+        assigned_t = torch.where(pos[..., None], assigned_t, assigned_t.new_zeros(()))  # (B, N, 4)
+        num_pos = int(pos.sum(1).clamp(min=1).sum())  # mmdet: sum_b max(#pos_b, 1)
 
         cls = torch.cat([s.permute(0, 2, 3, 1).reshape(b, -1, nc) for s in cls_scores], 1).float()  # (B, N, nc)
         reg = torch.cat([r.permute(0, 2, 3, 1).reshape(b, -1, 4 * n_bins) for r in regs], 1)  # (B, N, 4 bins)

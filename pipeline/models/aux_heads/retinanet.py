@@ -31,6 +31,7 @@ from pipeline.models.aux_heads.table import AuxBuildContext, RetinaNetConfig
 from pipeline.models.box_ops import DeltaXYWHCoder
 from pipeline.models.losses import giou_loss, reduce_mean, sigmoid_focal_loss
 from pipeline.models.task_modules.anchors import anchor_scales, cached_grid_anchors
+from pipeline.models.task_modules.batching import pad_gts
 from pipeline.models.task_modules.max_iou_assigner import MaxIoUAssigner
 
 
@@ -111,6 +112,19 @@ class RetinaNetHead(AuxHead):
         assigned[pos] = gt_boxes[res.gt_inds[pos] - 1]
         return labels, (res.gt_inds >= 0).to(anchors.dtype), assigned
 
+    @torch.no_grad()
+    def targets_batch(
+        self, anchors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`targets` for every image at once: GT padded (B, G, 4), (B, G), valid (B, G) -> labels (B, N),
+        label weights (B, N), assigned GT (B, N, 4); equal to `targets` per image."""
+        res = self.assigner.assign_batch(anchors, gt_boxes, gt_labels, gt_valid)
+        pos = res.gt_inds > 0
+        labels = torch.where(pos, res.labels, self.num_classes)
+        assigned = gt_boxes.gather(1, (res.gt_inds - 1).clamp(min=0)[..., None].expand(-1, -1, 4))
+        assigned = torch.where(pos[..., None], assigned, assigned.new_zeros(()))
+        return labels, (res.gt_inds >= 0).to(anchors.dtype), assigned
+
     def forward_train(
         self, feats: list[Tensor], targets: list[dict[str, Tensor]], img_sizes: Tensor
     ) -> tuple[dict[str, Tensor], AuxPositives]:
@@ -119,10 +133,10 @@ class RetinaNetHead(AuxHead):
         sizes = [(int(m.shape[-2]), int(m.shape[-1])) for m in cls_scores]
         anchors = torch.cat(cached_grid_anchors(sizes, self.strides, self.scales, self.ratios, device))  # (N, 4)
         gt_boxes, gt_labels = gt_to_pixels(targets, img_sizes, device)
-        per_image = [self.targets(anchors, g, lab) for g, lab in zip(gt_boxes, gt_labels)]
-        labels, label_w, assigned = (torch.stack(t) for t in zip(*per_image))  # (B, N), (B, N), (B, N, 4)
+        # (B, N), (B, N), (B, N, 4): one batched assignment
+        labels, label_w, assigned = self.targets_batch(anchors, *pad_gts(gt_boxes, gt_labels))
         pos = labels < nc
-        num_pos = sum(max(int(p.sum()), 1) for p in pos)  # mmdet SamplingResult.num_pos = max(#pos, 1)
+        num_pos = int(pos.sum(1).clamp(min=1).sum())  # mmdet SamplingResult.num_pos = max(#pos, 1), summed
         avg = reduce_mean(anchors.new_tensor(float(num_pos))).item()
 
         cls = torch.cat([s.permute(0, 2, 3, 1).reshape(b, -1, nc) for s in cls_scores], 1).float()  # (B, N, nc)

@@ -3,7 +3,8 @@
 
 Per image: MaxIoUAssigner(0.5, 0.5, min_pos 0.5, no low-quality matches) on the RPN proposals, then
 RandomSampler(512, 25% positives, GT boxes added as proposals, so GT rows come first among the positives).
-The sampled RoIs of image i are [positives (ascending index), negatives (ascending index)].
+The sampled RoIs of image i are [positives (ascending index), negatives (ascending index)]. Both steps run for the
+whole batch at once (`sample_rois`: the same assignment as per image, the sampler's quotas and distribution).
 
 RoI features: RoIAlign 7x7 (`torchvision.ops.roi_align`, sampling_ratio 0 = adaptive, aligned=True as mmcv's
 `RoIAlign` default, spatial_scale 1 / stride) on the level floor(log2(sqrt(w h) / finest_scale + 1e-6)) clamped to
@@ -37,6 +38,7 @@ from pipeline.models.box_ops import DeltaXYWHCoder
 from pipeline.models.fed_loss import fed_class_mask, fed_softmax_cross_entropy
 from pipeline.models.layers.roi_align import roi_align
 from pipeline.models.losses import giou_loss, weight_reduce_loss
+from pipeline.models.task_modules.batching import pad_gts
 
 if TYPE_CHECKING:
     from pipeline.models.task_modules.max_iou_assigner import MaxIoUAssigner
@@ -144,21 +146,9 @@ class RoIHead(nn.Module):
         gt_boxes: per image (G_i, 4) xyxy pixels; gt_labels: per image (G_i,) long.
         Returns the losses and, per image, the first M sampled RoIs: coords (M, 4), labels (M,) bg = nc,
         targets (M, 4) GT xyxy (zeros for negatives), pooled RoI features (M, C); see the module docstring."""
-        nc = self.num_classes
-        rois_list, labels_list, targets_list = [], [], []
-        for props, gt, gt_lab in zip(proposals, gt_boxes, gt_labels):
-            props = props.detach().float()
-            gt = gt.float()
-            s = self.sampler.sample(self.assigner.assign(props, gt, gt_lab), props, gt, gt_lab)
-            num_neg = s.neg_inds.numel()
-            rois_list.append(torch.cat([s.pos_priors, s.neg_priors]))
-            labels_list.append(torch.cat([s.pos_labels, s.pos_labels.new_full((num_neg,), nc)]))
-            targets_list.append(torch.cat([s.pos_gt_boxes, s.pos_gt_boxes.new_zeros((num_neg, 4))]))
-        counts = [r.shape[0] for r in rois_list]
-        rois = torch.cat(rois_list)  # (R, 4)
-        labels = torch.cat(labels_list)  # (R,)
-        targets = torch.cat(targets_list)  # (R, 4)
-        batch_idx = torch.cat([rois.new_full((n, 1), float(i)) for i, n in enumerate(counts)])  # (R, 1)
+        rois, labels, targets, batch_ids = self.sample_rois(proposals, gt_boxes, gt_labels)
+        counts = torch.bincount(batch_ids, minlength=len(proposals)).tolist()
+        batch_idx = batch_ids.to(rois.dtype)[:, None]  # (R, 1)
 
         roi_feats = multi_level_roi_align(
             feats, torch.cat([batch_idx, rois], 1), self.strides, self.output_size, self.finest_scale
@@ -172,6 +162,39 @@ class RoIHead(nn.Module):
             [chunk[:m] for chunk in t.split(counts)] for t in (rois, labels, targets, pooled)
         )
         return losses, (coords_out, labels_out, targets_out, feats_out)
+
+    @torch.no_grad()
+    def sample_rois(
+        self, proposals: Sequence[Tensor], gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Assignment and sampling for the whole batch (no per-image loop): proposals per image (P_i, 4), GT
+        (G_i, 4) xyxy pixels and (G_i,) labels -> the sampled RoIs of every image, image after image, each image's
+        [positives, negatives] in ascending prior index (GT rows first when added as proposals): rois (R, 4),
+        labels (R,) bg = nc, targets (R, 4) assigned GT xyxy (zeros for negatives), image index (R,) long.
+        The same assignment as per image (`MaxIoUAssigner.assign_batch`), sampling by `RandomSampler.sample_masks`."""
+        nc = self.num_classes
+        gt, gt_lab, gt_valid = pad_gts([g.float() for g in gt_boxes], gt_labels)  # (B, G, 4), (B, G), (B, G)
+        props, _, prop_valid = pad_gts([p.detach().float() for p in proposals],
+                                       [p.new_zeros(p.shape[0]) for p in proposals])  # (B, P, 4)  # fmt: skip
+        res = self.assigner.assign_batch(props, gt, gt_lab, gt_valid, prop_valid)  # (B, P)
+        priors, gt_inds, labels = props, res.gt_inds, res.labels
+        if self.sampler.add_gt_as_proposals:  # GT rows first, assigned to themselves (mmdet `add_gt_`)
+            own = torch.arange(1, gt.shape[1] + 1, device=gt.device)[None].expand(gt.shape[0], -1)
+            priors = torch.cat([gt, props], 1)
+            gt_inds = torch.cat([torch.where(gt_valid, own, -1), gt_inds], 1)
+            labels = torch.cat([torch.where(gt_valid, gt_lab, -1), labels], 1)
+        pos, neg = self.sampler.sample_masks(gt_inds)  # (B, S) each
+        img_p, idx_p = pos.nonzero(as_tuple=True)  # row-major: image-major, ascending index
+        img_n, idx_n = neg.nonzero(as_tuple=True)
+        img = torch.cat([img_p, img_n])
+        idx = torch.cat([idx_p, idx_n])
+        is_neg = torch.cat([torch.zeros_like(img_p), torch.ones_like(img_n)])
+        order = torch.sort(img * 2 + is_neg, stable=True).indices  # per image: positives, then negatives
+        img, idx, is_neg = img[order], idx[order], is_neg[order].bool()
+        assigned = gt[img, (gt_inds[img, idx] - 1).clamp(min=0)]  # (R, 4)
+        roi_labels = torch.where(is_neg, nc, labels[img, idx])
+        roi_targets = torch.where(is_neg[:, None], assigned.new_zeros(()), assigned)
+        return priors[img, idx], roi_labels, roi_targets, img
 
     def loss(
         self, cls_score: Tensor, deltas: Tensor, rois: Tensor, labels: Tensor, targets: Tensor,

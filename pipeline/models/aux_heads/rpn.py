@@ -13,6 +13,8 @@ on the valid anchors, RandomSampler(256, 50% positives). Losses (mmdet `AnchorHe
   loss_rpn_cls  = sum_sampled BCE(logit, is_pos) / N,   N = sum_b max(#pos_b, 1) + max(#neg_b, 1)
   loss_rpn_bbox = sum_pos |delta - encode(anchor, gt)|_1 / N      (coder means 0, stds 1)
 mmdet sums per-level terms that share N; summing all anchors at once is the same up to float summation order.
+Assignment and sampling run for the whole batch at once (`MaxIoUAssigner.assign_batch`, the same result as per image;
+`RandomSampler.sample_masks`, the same quotas and distribution as mmdet's per-image randperm, other draws).
 
 Proposals (mmdet `_predict_by_feat_single` + `_bbox_post_process`, train cfg `rpn_proposal`), per image, detached:
 per level the `nms_pre` highest sigmoid scores (sort), decode + clip to the image size, drop boxes with width or
@@ -33,6 +35,7 @@ from torchvision.ops import batched_nms
 from pipeline.models.box_ops import DeltaXYWHCoder
 from pipeline.models.losses import weight_reduce_loss
 from pipeline.models.task_modules.anchors import anchor_scales, cached_grid_anchors, cached_valid_flags
+from pipeline.models.task_modules.batching import pad_gts
 
 if TYPE_CHECKING:
     from pipeline.models.task_modules.max_iou_assigner import MaxIoUAssigner
@@ -127,24 +130,19 @@ class RPNHead(nn.Module):
         pred = torch.cat([d.permute(0, 2, 3, 1).reshape(b, -1, 4) for d in deltas], 1).float()  # (B, N, 4)
         flat_anchors = torch.cat(list(anchors))  # (N, 4)
 
-        cls_sum, bbox_sum, avg_factor = logits.new_zeros(()), pred.new_zeros(()), 0
-        for i in range(b):
-            valid = torch.cat(
-                cached_valid_flags(sizes, self.strides, self._pad_size(img_sizes[i]), self.num_anchors, logits.device)
-            )
-            valid_idx = valid.nonzero().squeeze(1)
-            priors = flat_anchors[valid_idx]
-            gt = gt_boxes[i].float()
-            gt_labels = gt.new_zeros((gt.shape[0],), dtype=torch.long)  # RPN: one foreground class
-            sampled = self.sampler.sample(self.assigner.assign(priors, gt, gt_labels), priors, gt, gt_labels)
-            pos = valid_idx[sampled.pos_inds]
-            neg = valid_idx[sampled.neg_inds]
-            chosen = torch.cat([pos, neg])
-            is_pos = torch.cat([logits.new_ones(pos.numel()), logits.new_zeros(neg.numel())])
-            cls_sum = cls_sum + F.binary_cross_entropy_with_logits(logits[i, chosen], is_pos, reduction="sum")
-            box_targets = self.coder.encode(flat_anchors[pos], sampled.pos_gt_boxes)
-            bbox_sum = bbox_sum + (pred[i, pos] - box_targets).abs().sum()
-            avg_factor += sampled.avg_factor
+        valid = torch.stack([  # (B, N): the image's own padded extent (cached per size)
+            torch.cat(cached_valid_flags(sizes, self.strides, self._pad_size(s), self.num_anchors, logits.device))
+            for s in img_sizes
+        ])  # fmt: skip
+        gt, gt_labels, gt_valid = pad_gts([g.float() for g in gt_boxes], [g.new_zeros(g.shape[0]) for g in gt_boxes])
+        result = self.assigner.assign_batch(flat_anchors, gt, gt_labels, gt_valid, valid)  # one foreground class
+        pos, neg = self.sampler.sample_masks(result.gt_inds)  # (B, N) each
+        chosen = pos | neg
+        cls_sum = F.binary_cross_entropy_with_logits(logits[chosen], pos[chosen].to(logits.dtype), reduction="sum")
+        assigned = gt.gather(1, (result.gt_inds - 1).clamp(min=0)[..., None].expand(-1, -1, 4))  # (B, N, 4)
+        box_targets = self.coder.encode(flat_anchors[None].expand(b, -1, -1)[pos], assigned[pos])
+        bbox_sum = (pred[pos] - box_targets).abs().sum()
+        avg_factor = int((pos.sum(1).clamp(min=1) + neg.sum(1).clamp(min=1)).sum())  # mmdet, summed over images
         return {
             f"loss_rpn_cls{self.loss_suffix}": weight_reduce_loss(cls_sum, avg_factor=avg_factor),
             f"loss_rpn_bbox{self.loss_suffix}": weight_reduce_loss(bbox_sum, avg_factor=avg_factor),

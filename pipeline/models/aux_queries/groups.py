@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from pipeline.models.aux_heads.base import AuxPositives
 from pipeline.models.box_ops import aligned_iou, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
@@ -55,8 +56,11 @@ class AuxGroup:
     feats: Tensor | None = None
 
 
-def _randperm(n: int, generator: torch.Generator | None) -> Tensor:
-    return torch.randperm(n, generator=generator)
+def _rand(shape: tuple[int, int], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Uniform [0, 1) keys: from `generator` (CPU) when given, else drawn on `device`."""
+    if generator is None:
+        return torch.rand(shape, device=device)
+    return torch.rand(shape, generator=generator).to(device)
 
 
 def build_aux_groups(
@@ -70,70 +74,67 @@ def build_aux_groups(
     """AuxPositives (per image (M_i, 4) xyxy pixels) -> AuxGroup of M = clamp(max_b #pos_b, min_pos, max_pos).
 
     img_sizes: (B, 2) (h, w) of the unpadded network input. `generator` (CPU) makes the random subsets
-    reproducible. Deviation from the authors (who would crash): if an image has fewer negatives than slots to
-    fill, negatives are drawn again with replacement, and with no negatives at all the rest is filled with zero
-    boxes of label bg and label weight 0.
+    reproducible. Per image: all positives (ascending index; a random subset of M in random order if more), then
+    randomly chosen distinct negatives. Deviation from the authors (who would crash): if an image has fewer
+    negatives than slots to fill, negatives are drawn again with replacement, and with no negatives at all the
+    rest is filled with zero boxes of label bg and label weight 0.
+
+    Vectorised over the batch (images of equal M_i, as every head exports; unequal ones are padded with slots that
+    are neither positive nor negative): one top-k of random keys picks the slots of every image at once.
     """
     coords, labels, targets = positives.coords, positives.labels, positives.targets
     b = len(coords)
     if img_sizes.shape[0] != b:
         raise ValueError(f"img_sizes has {img_sizes.shape[0]} rows for {b} images of head {positives.head!r}")
-    pos_masks = [(lab >= 0) & (lab < num_classes) for lab in labels]
-    m = max([int(p.sum()) for p in pos_masks], default=0)
-    m = max(min_pos, min(max_pos, m))
+    device = coords[0].device if b else img_sizes.device
+    feats = positives.feats
+    if b and all(c.shape[0] == coords[0].shape[0] for c in coords):
+        coords_t, labels_t, targets_t = torch.stack(coords), torch.stack(labels), torch.stack(targets)
+        feats_t = torch.stack(list(feats)) if feats is not None else None
+    else:  # unequal lengths: pad with label -1 (neither positive nor negative)
+        coords_t, targets_t = (pad_sequence(list(t), batch_first=True) for t in (coords, targets))
+        labels_t = pad_sequence([lab.long() for lab in labels], batch_first=True, padding_value=-1)
+        feats_t = pad_sequence(list(feats), batch_first=True) if feats is not None else None
+    n = labels_t.shape[1]
+    is_pos = (labels_t >= 0) & (labels_t < num_classes)  # (B, N)
+    is_neg = labels_t == num_classes
+    n_pos, n_neg = is_pos.sum(1), is_neg.sum(1)  # (B,)
+    m = max(min_pos, min(max_pos, int(n_pos.max()) if b else 0))
 
-    out_boxes, out_labels, out_targets, out_lw, out_bw, out_feats = [], [], [], [], [], []
-    for i in range(b):
-        device = coords[i].device
-        h, w = (float(v) for v in img_sizes[i])
-        factor = coords[i].new_tensor([w, h, w, h])
-        pos_idx = pos_masks[i].nonzero().squeeze(1)
-        neg_idx = (labels[i] == num_classes).nonzero().squeeze(1)
-        if pos_idx.numel() > m:
-            pos_idx = pos_idx[_randperm(pos_idx.numel(), generator)[:m].to(device)]
-        num_fill = m - pos_idx.numel()
-        n_neg = neg_idx.numel()
-        if num_fill <= n_neg:
-            neg_sel = neg_idx[_randperm(n_neg, generator)[:num_fill].to(device)]
-        elif n_neg > 0:
-            extra = torch.randint(n_neg, (num_fill - n_neg,), generator=generator).to(device)
-            neg_sel = torch.cat([neg_idx[_randperm(n_neg, generator).to(device)], neg_idx[extra]])
-        else:
-            neg_sel = neg_idx  # empty: the filler below takes the rest
-        idx = torch.cat([pos_idx, neg_sel])
-        n_real, n_empty = idx.numel(), m - idx.numel()
+    # one key per entry: positives first (ascending index when all fit, random order otherwise), then negatives
+    # in random order, then everything else; the first M entries of each row are the group
+    rand = _rand((b, n), generator, device)
+    ascending = 1.0 - torch.arange(n, device=device, dtype=torch.float32) / max(n, 1)  # in (0, 1]
+    pos_key = torch.where((n_pos > m)[:, None], rand, ascending[None]) + 2.0
+    key = torch.where(is_pos, pos_key, torch.where(is_neg, rand, rand.new_tensor(-1.0)))
+    order = key.topk(min(m, n), dim=1).indices  # (B, min(M, N)), descending keys; extra slots fall in it too
+    kept_pos = n_pos.clamp(max=m)  # (B,)
+    real = (kept_pos + n_neg).clamp(max=m)  # distinct entries per row
+    slot = torch.arange(m, device=device)[None].expand(b, m)  # (B, M)
+    # with too few negatives, the slots past them repeat random negatives (with replacement)
+    extra = kept_pos[:, None] + (_rand((b, m), generator, device) * n_neg[:, None]).long()
+    src = torch.where(slot < real[:, None], slot, torch.where((n_neg > 0)[:, None], extra, slot))
+    filled = (slot < real[:, None]) | (n_neg > 0)[:, None]  # False: an empty slot (no negative to repeat)
+    idx = order.gather(1, src.clamp(max=order.shape[1] - 1)) if n else slot.new_zeros((b, m))  # (B, M) entries
 
-        box = box_xyxy_to_cxcywh(coords[i][idx] / factor)
-        tgt = box_xyxy_to_cxcywh(targets[i][idx] / factor)
-        lab = labels[i][idx].long()
-        lw = box.new_ones(n_real)
-        bw = box.new_zeros(n_real)
-        bw[: pos_idx.numel()] = 1.0
-        feat = positives.feats[i][idx] if positives.feats is not None else None
-        if n_empty:
-            box = torch.cat([box, box.new_zeros(n_empty, 4)])
-            tgt = torch.cat([tgt, tgt.new_zeros(n_empty, 4)])
-            lab = torch.cat([lab, lab.new_full((n_empty,), num_classes)])
-            lw = torch.cat([lw, lw.new_zeros(n_empty)])
-            bw = torch.cat([bw, bw.new_zeros(n_empty)])
-            if feat is not None:
-                feat = torch.cat([feat, feat.new_zeros(n_empty, feat.shape[1])])
-        out_boxes.append(box)
-        out_targets.append(tgt)
-        out_labels.append(lab)
-        out_lw.append(lw)
-        out_bw.append(bw)
-        out_feats.append(feat)
-
-    return AuxGroup(
-        boxes=torch.stack(out_boxes),
-        labels=torch.stack(out_labels),
-        targets=torch.stack(out_targets),
-        label_weights=torch.stack(out_lw),
-        box_weights=torch.stack(out_bw),
-        head=positives.head,
-        feats=torch.stack(out_feats) if positives.feats is not None else None,
-    )
+    factor = img_sizes.to(device=device, dtype=coords_t.dtype).flip(1).repeat(1, 2)[:, None]  # (B, 1, 4) w h w h
+    idx4 = idx[..., None].expand(-1, -1, 4)
+    box = box_xyxy_to_cxcywh(coords_t.gather(1, idx4) / factor) if n else coords_t.new_zeros((b, m, 4))
+    tgt = box_xyxy_to_cxcywh(targets_t.gather(1, idx4) / factor) if n else targets_t.new_zeros((b, m, 4))
+    lab = labels_t.gather(1, idx) if n else labels_t.new_full((b, m), num_classes)
+    zero = box.new_zeros(())
+    box = torch.where(filled[..., None], box, zero)
+    tgt = torch.where(filled[..., None], tgt, zero)
+    lab = torch.where(filled, lab.long(), num_classes)
+    lw = filled.to(box.dtype)
+    bw = (slot < kept_pos[:, None]).to(box.dtype)
+    feat = None
+    if feats_t is not None:
+        feat = feats_t.gather(1, idx[..., None].expand(-1, -1, feats_t.shape[-1])) if n else (
+            feats_t.new_zeros((b, m, feats_t.shape[-1])))  # fmt: skip
+        feat = torch.where(filled[..., None], feat, feat.new_zeros(()))
+    return AuxGroup(boxes=box, labels=lab, targets=tgt, label_weights=lw, box_weights=bw, head=positives.head,
+                    feats=feat)  # fmt: skip
 
 
 class AuxQueryProjection(nn.Module):

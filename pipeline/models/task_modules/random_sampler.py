@@ -72,3 +72,32 @@ class RandomSampler:
         pos_gt = gt_inds[pos_inds] - 1
         pos_gt_boxes = gt_boxes[pos_gt] if gt_boxes.shape[0] > 0 else gt_boxes.new_zeros((0, 4))
         return SampledPriors(priors, pos_inds, neg_inds, pos_gt_boxes.to(priors.dtype), labels[pos_inds])
+
+    @torch.no_grad()
+    def sample_masks(self, gt_inds: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """The sampling of `sample` for a batch at once: gt_inds (B, N) (-1 ignored, 0 negative, i + 1 positive,
+        GT rows already prepended when add_gt_as_proposals) -> (pos_mask, neg_mask) (B, N) bool.
+
+        Per image the same quotas as `sample` (up to int(num * pos_fraction) positives, then num - #pos negatives),
+        each a uniformly random subset: the candidates with the largest random keys (one top-k over the batch
+        instead of one randperm per image; same distribution, different draws for a given seed)."""
+        b, n = gt_inds.shape
+        num_pos = int(self.num * self.pos_fraction)
+        keys = torch.rand((2, b, n), generator=generator, device=gt_inds.device)
+        pos_mask = self._top(torch.where(gt_inds > 0, keys[0], -1.0), torch.full((b,), num_pos, device=keys.device))
+        neg_quota = self.num - pos_mask.sum(1)
+        neg_mask = self._top(torch.where(gt_inds == 0, keys[1], -1.0), neg_quota)
+        return pos_mask, neg_mask
+
+    @staticmethod
+    def _top(keys: Tensor, quota: Tensor) -> Tensor:
+        """keys (B, N) with -1 for non-candidates, quota (B,) -> (B, N) bool: per row the min(quota, #candidates)
+        candidates with the largest keys."""
+        b, n = keys.shape
+        k = min(int(quota.max()) if b else 0, n)
+        mask = torch.zeros_like(keys, dtype=torch.bool)
+        if k <= 0:
+            return mask
+        top, idx = keys.topk(k, dim=1)  # (B, k), descending
+        take = (top >= 0) & (torch.arange(k, device=keys.device)[None] < quota[:, None])
+        return mask.scatter_(1, idx, take)
