@@ -124,9 +124,6 @@ class Cluster:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("CODETR_RUN_NODE_LOSS"),
-                    reason="unverified: the local multi-node cluster never came up on the loaded dev machine (Ray's "
-                           "30 s node start); opt in with CODETR_RUN_NODE_LOSS=1 (issue 15 stays open)")
 def test_worker_node_lost_mid_epoch_elastic_resume(tmp_path):
     cluster = Cluster(str(tmp_path))
     trace = tmp_path / "trace.jsonl"
