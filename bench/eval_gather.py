@@ -42,37 +42,18 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # coco_reference: the BEFORE path
+
+from coco_reference import reference_cap_per_image, reference_detections_to_coco  # noqa: E402
 
 NUM_CATEGORIES = 365  # Objects365
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# BEFORE: the rank-0 path of d299769 (pipeline/eval/coco_eval.py + evaluator.score), verbatim up to loadRes.
-def legacy_detections_to_coco(predictions, image_ids, label_to_cat) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for pred, image_id in zip(predictions, image_ids, strict=True):
-        boxes = np.asarray(pred["boxes"], dtype=np.float64).reshape(-1, 4)
-        scores = np.asarray(pred["scores"], dtype=np.float64).reshape(-1)
-        labels = np.asarray(pred["labels"], dtype=np.int64).reshape(-1)
-        xywh = boxes.copy()
-        xywh[:, 2:] -= xywh[:, :2]
-        for b, s, lab in zip(xywh.tolist(), scores.tolist(), labels.tolist()):
-            out.append({"image_id": int(image_id), "category_id": int(label_to_cat[lab]), "bbox": b,
-                        "score": float(s)})
-    return out
-
-
-def legacy_cap_per_image(detections, k):
-    by_image: dict[int, list[dict[str, Any]]] = {}
-    for d in detections:
-        by_image.setdefault(d["image_id"], []).append(d)
-    out = []
-    for dets in by_image.values():
-        out.extend(sorted(dets, key=lambda d: -d["score"])[:k])
-    return out
-
-
+# BEFORE: the rank-0 path of d299769 (pipeline/eval/coco_eval.py + evaluator.score), verbatim up to loadRes; its
+# functions are the reference copies in tests/coco_reference.py (the ones tests/test_coco_eval.py checks against).
 def legacy_rank0(parts, gt, max_dets):
     from faster_coco_eval import COCO
 
@@ -81,11 +62,11 @@ def legacy_rank0(parts, gt, max_dets):
     predictions = [p for part in parts for p in part]
     cat_ids = [c["id"] for c in gt["categories"]]
     ids = [i for i, _ in predictions]
-    dets = legacy_detections_to_coco([p for _, p in predictions], ids, cat_ids)
+    dets = reference_detections_to_coco([p for _, p in predictions], ids, cat_ids)
     gt = copy.deepcopy(restrict_gt(gt, ids))
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(gt)
-        return coco_gt.loadRes(legacy_cap_per_image(dets, max_dets))
+        return coco_gt.loadRes(reference_cap_per_image(dets, max_dets))
 
 
 # ------------------------------------------------------------------------------------------------------------------
