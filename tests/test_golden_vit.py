@@ -7,7 +7,9 @@ our modules with every setting of `fixture.json` (window_size, global_blocks, us
 pretrain_img_size, patch_size), map the names (`pipeline.checkpoints.vit_keys`; the authors' rotary buffers,
 added as their checkpoints carry them, are dropped with a report), load strictly, run the input and compare the
 backbone map and P2..P6: stats (mean, std, mean|x|), the sampled values and the whole P6, all within 1e-4 abs.
-A copy of the fixture with another seed must fail that comparison (the seed is really used).
+A copy of the fixture with another seed must fail that comparison (the seed is really used), and a fixture of the
+same format with the LVIS settings, derived from our production build path, must pass it (nothing is tied to the
+one fixture).
 One forward is ~1-2 min on 2 cores: run once per fixture directory (module-scoped), two in all.
 """
 
@@ -137,3 +139,55 @@ def test_another_seed_fails_the_comparison(tmp_path: Path) -> None:
     (tmp_path / "fixture.json").write_text(json.dumps({**fx, "seed": fx["seed"] + 1}))
     diffs = _run(tmp_path)["diffs"]
     assert diffs["backbone sample"] > 100 * TOL and diffs["P6 full"] > 100 * TOL, diffs
+
+
+def _derive_fixture(dst: Path, seed: int, side: int, **settings: Any) -> torch.Tensor:
+    """A fixture of the same format in `dst` with other settings: the fixture's keys.tsv / make_weights.py, a new
+    fixture.json (`settings` over the original, another seed, a square `side` x `side` input) and inputs.pt /
+    expected.pt computed by our model built through the production config path (ModelConfig -> build_backbone /
+    build_neck), independently of `_build`. Returns the P6 map of that model."""
+    from pipeline.models.backbones.build import build_backbone, build_neck
+    from pipeline.models.config import BackboneConfig, ViTConfig
+
+    for name in ("keys.tsv", "make_weights.py"):
+        shutil.copy(GOLDEN / name, dst / name)
+    fx = {**json.loads((GOLDEN / "fixture.json").read_text()), **settings, "seed": seed,
+          "input_shape": [1, 3, side, side]}  # fmt: skip
+    (dst / "fixture.json").write_text(json.dumps(fx))
+    vit = ViTConfig(window_size=fx["window_size"], global_blocks=tuple(fx["global_blocks"]), use_lsj=fx["use_lsj"],
+                    img_size=fx["img_size"], pretrain_img_size=fx["pretrain_img_size"], patch_size=fx["patch_size"])
+    backbone = build_backbone(BackboneConfig(name="vit_authors", vit=vit, frozen_stages=-1, pretrained=False))
+    neck = build_neck(backbone, 256, 5)
+    ours, _ = vit_authors_to_ours(_make_weights(dst).official_state_dict(seed))
+    nn.ModuleDict({"backbone": backbone, "neck": neck}).load_state_dict(ours, strict=True)
+    images = torch.randn(fx["input_shape"], generator=torch.Generator().manual_seed(seed))
+    torch.save({"images": images}, dst / "inputs.pt")
+    with torch.no_grad():
+        (feat,) = backbone.eval()(images)
+        levels = neck.eval()([feat])
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def sample(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        index = torch.stack([torch.randint(0, n, (256,), generator=g) for n in x.shape], 1)
+        return {"index": index, "values": x[index[:, 0], index[:, 1], index[:, 2], index[:, 3]]}
+
+    torch.save({"backbone_stats": _stats(feat), "backbone_sample": sample(feat), "backbone_shape": tuple(feat.shape),
+                "neck_stats": [_stats(p) for p in levels], "neck_samples": [sample(p) for p in levels],
+                "neck_shapes": [tuple(p.shape) for p in levels], "p6_full": levels[-1]}, dst / "expected.pt")
+    return levels[-1]
+
+
+@pytest.mark.slow
+def test_passes_on_a_fixture_with_other_settings(tmp_path: Path) -> None:
+    """The test is not tied to the one fixture it was written against: a fixture of the same format with the LVIS
+    recipe's settings (window 16, global blocks 2, 5, ..., 23, use_lsj with img_size = the input side), another
+    seed and another input size passes `_run`; the settings change the outputs, so ignoring one would fail."""
+    lvis = {"window_size": 16, "global_blocks": list(range(2, 24, 3)), "use_lsj": True, "img_size": 256}
+    p6 = _derive_fixture(tmp_path, seed=7, side=256, **lvis)
+    diffs = _run(tmp_path)["diffs"]
+    assert all(v <= TOL for v in diffs.values()), diffs
+    coco = tmp_path / "coco_settings"
+    coco.mkdir()
+    fx = json.loads((GOLDEN / "fixture.json").read_text())
+    p6_coco = _derive_fixture(coco, seed=7, side=256, use_lsj=False, img_size=fx["img_size"])
+    assert (p6 - p6_coco).abs().max() > 100 * TOL  # the derived settings matter
