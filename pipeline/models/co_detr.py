@@ -224,13 +224,25 @@ class CoDETR(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(
-        self, images: Tensor, img_sizes: Tensor, targets: list[dict[str, Tensor]] | None = None
+        self,
+        images: Tensor,
+        img_sizes: Tensor,
+        targets: list[dict[str, Tensor]] | None = None,
+        amp_dtype: torch.dtype | None = None,
     ) -> list[dict[str, Tensor]]:
+        """Eval-mode forward (see `forward`). `amp_dtype`: run the network (`run`) under autocast in that dtype on
+        the images' device, and the post-processing (`detections`) on its outputs cast back to fp32."""
         run_sizes = img_sizes
         if not self.with_padding_mask:  # LSJ: boxes are normalised by the padded canvas
             run_sizes = torch.tensor([list(images.shape[-2:])] * images.shape[0], device=images.device)
-        out = self.run(images, run_sizes)
-        return detections(out.logits[-1], out.boxes[-1], run_sizes, self.test_cfg, source_scales(targets, img_sizes))
+        if amp_dtype is None:
+            out = self.run(images, run_sizes)
+            logits, boxes = out.logits[-1], out.boxes[-1]
+        else:
+            with torch.autocast(images.device.type, dtype=amp_dtype):
+                out = self.run(images, run_sizes)
+            logits, boxes = out.logits[-1].float(), out.boxes[-1].float()
+        return detections(logits, boxes, run_sizes, self.test_cfg, source_scales(targets, img_sizes))
 
     def inference_state_dict(self) -> dict[str, Tensor]:
         """State dict of the deployed (K = 0) model: the auxiliary heads, adapter and aux projections dropped."""
