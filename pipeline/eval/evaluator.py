@@ -49,29 +49,19 @@ def forward_detections(model: nn.Module, batch: Any, amp_dtype: torch.dtype | No
     """The eval-mode model on one batch: list of B dicts boxes (K, 4) xyxy source pixels, scores (K,), labels (K,).
 
     On CUDA the network runs under bf16 autocast and the post-processing (sigmoid, top-k, box scaling, NMS)
-    in fp32 on the outputs cast back to fp32; on the CPU everything runs in fp32. This is `CoDETR.predict` with the
-    autocast boundary between `run` and `detections` (tests/test_eval_scale.py checks that the CPU path equals
-    `model(...)` exactly); modules without `run` are called as they are, under the same autocast.
+    in fp32 on the outputs cast back to fp32; on the CPU everything runs in fp32: `CoDETR.predict(amp_dtype=...)`
+    (tests/test_eval_scale.py checks that the CPU path equals `model(...)` exactly); modules without `predict`
+    are called as they are, under the same autocast.
     `amp_dtype`: "auto" (bf16 on CUDA, none on CPU), None (fp32), or a dtype for autocast on the batch's device."""
-    from pipeline.models.co_detr import detections, source_scales
-
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     images, masks, targets = batch.images, batch.masks, batch.targets
     kind = images.device.type
     dtype = (torch.bfloat16 if kind == "cuda" else None) if amp_dtype == "auto" else amp_dtype
-    autocast = torch.autocast(kind, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    if not all(hasattr(net, a) for a in ("run", "image_sizes", "test_cfg", "with_padding_mask")):
-        with autocast:
-            preds = net(images, masks, targets)
-        return [{k: v.float() if v.is_floating_point() else v for k, v in p.items()} for p in preds]
-    sizes = net.image_sizes(images, masks, targets, None)
-    run_sizes = sizes
-    if not net.with_padding_mask:  # LSJ: boxes are normalised by the padded canvas (as CoDETR.predict)
-        run_sizes = torch.tensor([list(images.shape[-2:])] * images.shape[0], device=images.device)
-    with autocast:
-        out = net.run(images, run_sizes)
-    return detections(out.logits[-1].float(), out.boxes[-1].float(), run_sizes, net.test_cfg,
-                      source_scales(targets, sizes))
+    if hasattr(net, "predict") and hasattr(net, "image_sizes"):
+        return net.predict(images, net.image_sizes(images, masks, targets, None), targets, amp_dtype=dtype)
+    with torch.autocast(kind, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+        preds = net(images, masks, targets)
+    return [{k: v.float() if v.is_floating_point() else v for k, v in p.items()} for p in preds]
 
 
 @torch.no_grad()
