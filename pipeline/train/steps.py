@@ -124,12 +124,13 @@ def backward_micro_batch(
 
 def optimizer_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad_norm: float, ema: nn.Module | None
-) -> float:
-    """Clip, step, zero grads, update the EMA. Returns the pre-clip gradient norm."""
+) -> torch.Tensor:
+    """Clip, step, zero grads, update the EMA. Returns the pre-clip gradient norm, a 0-dim tensor on the device
+    (not read here: reading it would make every step wait for the device)."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm) if clip_grad_norm > 0 else torch.zeros(())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
         ema.update_parameters(model.module if hasattr(model, "module") else model)
-    return float(norm)
+    return norm
