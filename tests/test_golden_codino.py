@@ -319,3 +319,19 @@ def test_reseeded_fixture_is_rejected_at_the_first_stage(tmp_path):
         c2 = model.backbone(_batch(inp)[0])[0]
     diff = (_stats(c2) - exp["stats"]["backbone"][0]).abs().max().item()
     assert diff > 1e-3, f"re-seeded weights reproduced the first stage (max stat diff {diff:.2e})"
+
+
+def test_passes_on_a_fixture_with_other_settings(tmp_path):
+    """Not tied to the one fixture it was written against: a second fixture of the same format (seed 3, 300
+    queries, 20 classes, the two images in swapped order; tests/golden_codino_derive.py, expected outputs from our
+    production paths) passes every other test of this module."""
+    import subprocess
+
+    from golden_codino_derive import derive
+
+    derive(GOLDEN, tmp_path / "fixture", seed=3, num_queries=300, num_classes=20)
+    env = {**os.environ, "CODETR_GOLDEN_DIR": str(tmp_path / "fixture")}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "not other_settings and not reseeded"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=1800)  # fmt: skip
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:]
