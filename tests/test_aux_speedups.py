@@ -124,6 +124,33 @@ def test_atss_assign_batch_equals_per_image_assign(seed: int, grid: bool):
         assert torch.equal(res.max_overlaps[i], ref.max_overlaps)
 
 
+def test_atss_head_assigns_a_batch_of_equal_pads_at_once(monkeypatch: pytest.MonkeyPatch):
+    """Images with the same padded extent (always with pad_size_divisor 0) take the batched path, whose targets
+    equal the per-image `get_targets` (which a batch of B > 1 used to fall back to)."""
+    from pipeline.models.aux_heads.atss import ATSSHead
+    from pipeline.models.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+    from pipeline.models.task_modules.anchors import cached_valid_flags
+
+    sizes, strides = [(32, 40), (16, 20), (8, 10), (4, 5)], (8, 16, 32, 64)
+    head = ATSSHead(num_classes=8, in_channels=32, feat_channels=32, strides=strides)
+    feats = [torch.randn(3, 32, h, w, generator=torch.Generator().manual_seed(i)) for i, (h, w) in enumerate(sizes)]
+    gts = _gt_batch(0, [5, 0, 7], grid=True)
+    img_sizes = torch.tensor([[256, 320]] * 3)
+    factor = torch.tensor([320.0, 256.0, 320.0, 256.0])
+    targets = [{"boxes": box_xyxy_to_cxcywh(g / factor), "labels": lab} for g, lab in zip(gts, _labels(gts))]
+    per_image = head.get_targets
+    monkeypatch.setattr(head, "get_targets", lambda *a: pytest.fail("per-image assignment for equal pads"))
+    _, pos = head.forward_train(feats, targets, img_sizes)
+    anchors = torch.cat(cached_grid_anchors(sizes, strides, (8.0,), (1.0,), "cpu"))
+    flags = cached_valid_flags(sizes, strides, (10**9, 10**9), 1, "cpu")
+    num_level = [h * w for h, w in sizes]
+    for i, t in enumerate(targets):
+        gt_xyxy = box_cxcywh_to_xyxy(t["boxes"]) * factor
+        labels, _, tgt, _ = per_image(anchors, num_level, flags, gt_xyxy, t["labels"])
+        assert torch.equal(pos.labels[i], labels) and torch.equal(pos.targets[i], tgt)
+    assert int((pos.labels[0] < 8).sum()) > 5  # not vacuous
+
+
 @pytest.mark.parametrize("cfg", [(0.7, 0.3, 0.3, True), (0.5, 0.5, 0.5, False), (0.5, 0.4, 0.0, True)])
 def test_max_iou_assign_batch_equals_per_image_assign_on_valid_priors(cfg: tuple):
     levels = grid_anchors([(16, 20), (8, 10), (4, 5)], [16, 32, 64], ratios=(0.5, 1.0, 2.0), octave_base_scale=4,

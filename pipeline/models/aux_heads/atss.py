@@ -220,7 +220,7 @@ class ATSSHead(AuxHead):
 
         pads = [self._pad(s) for s in img_sizes.tolist()]
         flags = [cached_valid_flags(sizes, self.strides, p, 1, device) for p in pads]
-        if all(f is flags[0] for f in flags):  # every image has the same valid anchors (always with the default
+        if all(p == pads[0] for p in pads):  # every image has the same valid anchors (always with the default
             # pad_size_divisor 0): one batched assignment, the same result as per image
             labels_t, weights_t, targets_t, num_pos = self.get_targets_batch(
                 anchors, num_level_anchors, flags[0], targets, img_sizes
