@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.models.box_ops import box_cxcywh_to_xyxy
+
 OPSET = 17
 
 
@@ -56,9 +58,7 @@ class TopKDetector(nn.Module):
         scores, idx = logits.sigmoid().reshape(b, -1).topk(self.topk, dim=1)
         labels = idx % num_classes
         query = idx // num_classes
-        picked = torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4))  # (B, K, 4)
-        cx, cy, w, h = picked.unbind(-1)
-        xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
+        xyxy = box_cxcywh_to_xyxy(torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4)))  # (B, K, 4)
         hw = run_sizes.to(xyxy.dtype)
         scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1).unsqueeze(1)  # (B, 1, 4) w h w h
         xyxy = torch.minimum(torch.clamp(xyxy * scale, min=0.0), scale)
