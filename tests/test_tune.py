@@ -66,7 +66,7 @@ def test_default_space_is_the_issue_s():
     [
         (
             {"model.co.lamda1": ParamSpec("uniform", 0.1, 1.0)},
-            r"unknown config field 'model\.co\.lamda1' \(valid keys under model\.co: lambda1, lambda2",
+            r"unknown config field 'model\.co\.lamda1' \(valid keys under model\.co: .*lambda1, lambda2",
         ),
         ({"model.co": ParamSpec("choice", values=(1,))}, r"'model\.co' is a config section"),
         (
@@ -74,8 +74,8 @@ def test_default_space_is_the_issue_s():
             r"model\.co\.lambda1: value -1\.0 .*negative",
         ),
         (
-            {"model.co.aux_heads": ParamSpec("choice", values=(["atss"], ["fcos"]))},
-            r"value \[fcos\].*unknown aux head 'fcos'",
+            {"model.co.aux_heads": ParamSpec("choice", values=(["atss"], ["paa"]))},
+            r"value \[paa\].*unknown aux head 'paa'",
         ),
         (
             {"data.batch_size": ParamSpec("uniform", 1.0, 4.0)},
@@ -95,9 +95,10 @@ def test_bad_space_is_one_line_error(space, match):
 
 
 def test_negative_weight_in_the_base_job_is_rejected():
-    job = load_config(None, ["model.co.lambda2=-2"])
-    with pytest.raises(ConfigError, match=r"model\.co\.lambda2: value -2\.0 is negative"):
+    with pytest.raises(ConfigError, match=r"model\.co\.lambda2: value -2\.0 is negative") as e:
+        job = load_config(None, ["model.co.lambda2=-2"])  # CoConfig rejects it as the job loads
         check_space(job, {"model.co.lambda1": ParamSpec("uniform", 0.5, 1.0)}, FIXED)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -193,8 +193,9 @@ class CoConfig(AuxHeadConfigs):  # type: ignore[misc, valid-type]
 
     def __post_init__(self) -> None:
         check_aux_heads(self.aux_heads)
-        if self.lambda1 < 0 or self.lambda2 < 0:
-            raise ValueError(f"model.co.lambda1 and lambda2 must be >= 0, got {self.lambda1}, {self.lambda2}")
+        for name in ("lambda1", "lambda2"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.co.{name}: value {getattr(self, name)!r} is negative; expected >= 0")
         if self.num_dec_layers_factor < 1:
             raise ValueError(f"model.co.num_dec_layers_factor must be >= 1, got {self.num_dec_layers_factor}")
 

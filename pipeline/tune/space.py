@@ -31,8 +31,9 @@ import yaml
 
 from pipeline.config import ConfigError, JobConfig, from_dict, to_dict
 
-# Fields no validator of the job config guards but that must not be negative (loss weights, lr, decay).
-NON_NEGATIVE = ("model.co.lambda1", "model.co.lambda2", "train.lr", "train.weight_decay")
+# Fields no validator of the job config guards but that must not be negative (loss weights, lr, decay);
+# model.co.lambda1 / lambda2 are guarded by CoConfig itself.
+NON_NEGATIVE = ("train.lr", "train.weight_decay")
 NON_NEGATIVE_PREFIXES = ("model.loss.", "model.matcher.")
 # Fields the search sets itself (run names, storage, tracking): not searchable.
 RESERVED = ("name", "storage_path", "work_dir", "data.shards")
