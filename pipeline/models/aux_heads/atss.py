@@ -27,7 +27,6 @@ level-major and row-major, which is the anchor order (one anchor per location).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.models.aux_heads.base import AuxHead, AuxPositives
+from pipeline.models.aux_heads.dense import (
+    ConvGNReLU,
+    Scale,
+    check_levels,
+    conv_tower,
+    flatten_levels,
+    init_dense_head,
+)
 from pipeline.models.aux_heads.table import ATSSConfig, AuxBuildContext
 from pipeline.models.box_ops import DeltaXYWHCoder, box_cxcywh_to_xyxy
 from pipeline.models.fed_loss import fed_class_mask
@@ -42,29 +49,6 @@ from pipeline.models.losses import giou_loss, reduce_mean, sigmoid_focal_loss, w
 from pipeline.models.task_modules.anchors import cached_grid_anchors, cached_valid_flags
 from pipeline.models.task_modules.atss_assigner import ATSSAssigner
 from pipeline.models.task_modules.batching import pad_gts
-
-
-class Scale(nn.Module):
-    """A learnable scalar multiplier (mmcv `Scale`); parameter key `scale`."""
-
-    def __init__(self, scale: float = 1.0) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(scale, dtype=torch.float32))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.scale
-
-
-class ConvGNReLU(nn.Module):
-    """3x3 conv without bias + GroupNorm + ReLU (mmcv `ConvModule` with GN); keys `conv.*`, `gn.*`."""
-
-    def __init__(self, in_channels: int, out_channels: int, num_groups: int = 32) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.gn = nn.GroupNorm(num_groups, out_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.gn(self.conv(x)))
 
 
 def centerness_target(anchors: Tensor, gts: Tensor) -> Tensor:
@@ -110,12 +94,8 @@ class ATSSHead(AuxHead):
         self.assigner = ATSSAssigner(topk=topk)
         self.coder = DeltaXYWHCoder(means=(0.0, 0.0, 0.0, 0.0), stds=target_stds)
 
-        self.cls_convs = nn.ModuleList(
-            [ConvGNReLU(in_channels if i == 0 else feat_channels, feat_channels) for i in range(stacked_convs)]
-        )
-        self.reg_convs = nn.ModuleList(
-            [ConvGNReLU(in_channels if i == 0 else feat_channels, feat_channels) for i in range(stacked_convs)]
-        )
+        self.cls_convs = conv_tower(ConvGNReLU, in_channels, feat_channels, stacked_convs)
+        self.reg_convs = conv_tower(ConvGNReLU, in_channels, feat_channels, stacked_convs)
         self.atss_cls = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
         self.atss_reg = nn.Conv2d(feat_channels, 4, 3, padding=1)
         self.atss_centerness = nn.Conv2d(feat_channels, 1, 3, padding=1)
@@ -124,25 +104,15 @@ class ATSSHead(AuxHead):
 
     def reset_parameters(self, prior_prob: float = 0.01) -> None:
         """mmdet init_cfg: Normal(std 0.01, bias 0) on every Conv2d, atss_cls bias = -log((1 - p) / p)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.constant_(self.atss_cls.bias, -math.log((1 - prior_prob) / prior_prob))
+        init_dense_head(self, self.atss_cls, prior_prob)
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """feats: L maps (B, C, h_l, w_l) -> per level cls (B, nc, h, w), deltas (B, 4, h, w) float32,
         centerness (B, 1, h, w)."""
-        if len(feats) != len(self.strides):
-            raise ValueError(f"ATSSHead expects {len(self.strides)} maps (strides {self.strides}), got {len(feats)}")
+        check_levels(self, feats, self.strides)
         cls_scores, bbox_preds, centernesses = [], [], []
         for x, scale in zip(feats, self.scales):
-            cls_feat, reg_feat = x, x
-            for conv in self.cls_convs:
-                cls_feat = conv(cls_feat)
-            for conv in self.reg_convs:
-                reg_feat = conv(reg_feat)
+            cls_feat, reg_feat = self.cls_convs(x), self.reg_convs(x)
             cls_scores.append(self.atss_cls(cls_feat))
             bbox_preds.append(scale(self.atss_reg(reg_feat)).float())
             centernesses.append(self.atss_centerness(reg_feat))
@@ -255,8 +225,7 @@ class ATSSHead(AuxHead):
         )
         coord_feats = None
         if self.with_coord_feat:  # (B, N, C): levels flattened level-major, row-major = anchor order
-            flat = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
-            coord_feats = list(flat.unbind(0))
+            coord_feats = list(flatten_levels(feats, feats[0].shape[1]).unbind(0))
         positives = AuxPositives(
             head=self.name, coords=[anchors] * b, labels=all_labels, targets=all_targets, feats=coord_feats
         )
@@ -279,9 +248,9 @@ class ATSSHead(AuxHead):
         loss sums over those classes only (pipeline/models/fed_loss.py). Returns the three weighted losses."""
         b = labels.shape[0]
         nc = self.num_classes
-        cls = torch.cat([s.permute(0, 2, 3, 1).reshape(b, -1, nc) for s in cls_scores], 1).float()  # (B, N, nc)
-        deltas = torch.cat([p.permute(0, 2, 3, 1).reshape(b, -1, 4) for p in bbox_preds], 1).float()  # (B, N, 4)
-        ctr = torch.cat([c.permute(0, 2, 3, 1).reshape(b, -1) for c in centernesses], 1).float()  # (B, N)
+        cls = flatten_levels(cls_scores, nc).float()  # (B, N, nc)
+        deltas = flatten_levels(bbox_preds, 4).float()  # (B, N, 4)
+        ctr = flatten_levels(centernesses, 1).squeeze(-1).float()  # (B, N)
 
         avg_factor = reduce_mean(cls.new_tensor(float(num_pos_total))).item()
 

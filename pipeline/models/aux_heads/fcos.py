@@ -23,15 +23,21 @@ the point (N, C).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.aux_heads.atss import ConvGNReLU, Scale
 from pipeline.models.aux_heads.base import AuxHead, AuxPositives
+from pipeline.models.aux_heads.dense import (
+    ConvGNReLU,
+    Scale,
+    check_levels,
+    conv_tower,
+    flatten_levels,
+    init_dense_head,
+)
 from pipeline.models.aux_heads.faster_rcnn import gt_to_pixels
 from pipeline.models.aux_heads.table import AuxBuildContext, FCOSConfig
 from pipeline.models.losses import giou_loss, reduce_mean, sigmoid_focal_loss
@@ -153,29 +159,19 @@ class FCOSHead(AuxHead):
         self.focal_alpha, self.focal_gamma = cfg.focal_alpha, cfg.focal_gamma
         self.assigner = FCOSAssigner(cfg.center_sample_radius, cfg.center_sampling)
         chans = [in_channels] + [feat_channels] * cfg.stacked_convs
-        self.cls_convs = nn.ModuleList([ConvGNReLU(chans[i], chans[i + 1]) for i in range(cfg.stacked_convs)])
-        self.reg_convs = nn.ModuleList([ConvGNReLU(chans[i], chans[i + 1]) for i in range(cfg.stacked_convs)])
+        self.cls_convs = conv_tower(ConvGNReLU, in_channels, feat_channels, cfg.stacked_convs)
+        self.reg_convs = conv_tower(ConvGNReLU, in_channels, feat_channels, cfg.stacked_convs)
         self.conv_cls = nn.Conv2d(chans[-1], num_classes, 3, padding=1)
         self.conv_reg = nn.Conv2d(chans[-1], 4, 3, padding=1)
         self.conv_centerness = nn.Conv2d(chans[-1], 1, 3, padding=1)
         self.scales = nn.ModuleList([Scale(1.0) for _ in self.strides])
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.constant_(self.conv_cls.bias, -math.log((1 - cfg.prior_prob) / cfg.prior_prob))
+        init_dense_head(self, self.conv_cls, cfg.prior_prob)
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        if len(feats) != len(self.strides):
-            raise ValueError(f"FCOSHead expects {len(self.strides)} maps (strides {self.strides}), got {len(feats)}")
+        check_levels(self, feats, self.strides)
         cls_scores, dists, ctrs = [], [], []
         for x, scale in zip(feats, self.scales):
-            c, r = x, x
-            for conv in self.cls_convs:
-                c = conv(c)
-            for conv in self.reg_convs:
-                r = conv(r)
+            c, r = self.cls_convs(x), self.reg_convs(x)
             cls_scores.append(self.conv_cls(c))
             dists.append(F.relu(scale(self.conv_reg(r)).float()))  # norm_on_bbox: stride units
             ctrs.append(self.conv_centerness(r))
@@ -197,9 +193,9 @@ class FCOSHead(AuxHead):
         assigned_t = gt_pad.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, 4))
         assigned_t = torch.where((idx >= 0)[..., None], assigned_t, assigned_t.new_zeros(()))  # (B, N, 4)
 
-        cls = torch.cat([s.permute(0, 2, 3, 1).reshape(b, -1, nc) for s in cls_scores], 1).float()
-        dist = torch.cat([d.permute(0, 2, 3, 1).reshape(b, -1, 4) for d in dists], 1)
-        ctr = torch.cat([c.permute(0, 2, 3, 1).reshape(b, -1) for c in ctrs], 1).float()
+        cls = flatten_levels(cls_scores, nc).float()  # (B, N, nc)
+        dist = flatten_levels(dists, 4)  # (B, N, 4)
+        ctr = flatten_levels(ctrs, 1).squeeze(-1).float()  # (B, N)
         pos = labels_t < nc
         num_pos = reduce_mean(cls.new_tensor(float(pos.sum()))).clamp(min=1.0).item()
         loss_cls = sigmoid_focal_loss(cls.reshape(-1, nc), labels_t.reshape(-1), None, num_pos,
@@ -222,7 +218,7 @@ class FCOSHead(AuxHead):
         boxes = torch.cat([points - half, points + half], 1)  # (N, 4) export boxes, side export_scale x stride
         feats_out = None
         if self.with_coord_feat:
-            feats_out = list(torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1).unbind(0))
+            feats_out = list(flatten_levels(feats, feats[0].shape[1]).unbind(0))
         positives = AuxPositives(head=self.name, coords=[boxes] * b, labels=list(labels_t.unbind(0)),
                                  targets=list(assigned_t.unbind(0)), feats=feats_out)  # fmt: skip
         k = self.loss_index

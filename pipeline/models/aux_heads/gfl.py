@@ -21,15 +21,21 @@ GT xyxy, feats = with_coord_feat: the adapter feature at each anchor's location)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.aux_heads.atss import ConvGNReLU, Scale
 from pipeline.models.aux_heads.base import AuxHead, AuxPositives
+from pipeline.models.aux_heads.dense import (
+    ConvGNReLU,
+    Scale,
+    check_levels,
+    conv_tower,
+    flatten_levels,
+    init_dense_head,
+)
 from pipeline.models.aux_heads.faster_rcnn import gt_to_pixels
 from pipeline.models.aux_heads.table import AuxBuildContext, GFLConfig
 from pipeline.models.box_ops import aligned_iou
@@ -75,29 +81,19 @@ class GFLHead(AuxHead):
         self.with_coord_feat = with_coord_feat
         self.assigner = ATSSAssigner(topk=cfg.topk)
         chans = [in_channels] + [feat_channels] * cfg.stacked_convs
-        self.cls_convs = nn.ModuleList([ConvGNReLU(chans[i], chans[i + 1]) for i in range(cfg.stacked_convs)])
-        self.reg_convs = nn.ModuleList([ConvGNReLU(chans[i], chans[i + 1]) for i in range(cfg.stacked_convs)])
+        self.cls_convs = conv_tower(ConvGNReLU, in_channels, feat_channels, cfg.stacked_convs)
+        self.reg_convs = conv_tower(ConvGNReLU, in_channels, feat_channels, cfg.stacked_convs)
         self.gfl_cls = nn.Conv2d(chans[-1], num_classes, 3, padding=1)
         self.gfl_reg = nn.Conv2d(chans[-1], 4 * (cfg.reg_max + 1), 3, padding=1)
         self.scales = nn.ModuleList([Scale(1.0) for _ in self.strides])
         self.register_buffer("project", torch.arange(cfg.reg_max + 1, dtype=torch.float32), persistent=False)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.constant_(self.gfl_cls.bias, -math.log((1 - cfg.prior_prob) / cfg.prior_prob))
+        init_dense_head(self, self.gfl_cls, cfg.prior_prob)
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        if len(feats) != len(self.strides):
-            raise ValueError(f"GFLHead expects {len(self.strides)} maps (strides {self.strides}), got {len(feats)}")
+        check_levels(self, feats, self.strides)
         cls_scores, regs = [], []
         for x, scale in zip(feats, self.scales):
-            c, r = x, x
-            for conv in self.cls_convs:
-                c = conv(c)
-            for conv in self.reg_convs:
-                r = conv(r)
+            c, r = self.cls_convs(x), self.reg_convs(x)
             cls_scores.append(self.gfl_cls(c))
             regs.append(scale(self.gfl_reg(r)).float())
         return cls_scores, regs
@@ -120,8 +116,8 @@ class GFLHead(AuxHead):
         assigned_t = torch.where(pos[..., None], assigned_t, assigned_t.new_zeros(()))  # (B, N, 4)
         num_pos = int(pos.sum(1).clamp(min=1).sum())  # mmdet: sum_b max(#pos_b, 1)
 
-        cls = torch.cat([s.permute(0, 2, 3, 1).reshape(b, -1, nc) for s in cls_scores], 1).float()  # (B, N, nc)
-        reg = torch.cat([r.permute(0, 2, 3, 1).reshape(b, -1, 4 * n_bins) for r in regs], 1)  # (B, N, 4 bins)
+        cls = flatten_levels(cls_scores, nc).float()  # (B, N, nc)
+        reg = flatten_levels(regs, 4 * n_bins)  # (B, N, 4 bins)
         pos = labels_t < nc
         scores = cls.new_zeros(labels_t.shape)
         if pos.any():
@@ -145,7 +141,7 @@ class GFLHead(AuxHead):
         loss_cls = weight_reduce_loss(qfl, avg_factor=n_avg)
         feats_out = None
         if self.with_coord_feat:
-            feats_out = list(torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1).unbind(0))
+            feats_out = list(flatten_levels(feats, feats[0].shape[1]).unbind(0))
         positives = AuxPositives(head=self.name, coords=[anchors] * b, labels=list(labels_t.unbind(0)),
                                  targets=list(assigned_t.unbind(0)), feats=feats_out)  # fmt: skip
         k = self.loss_index

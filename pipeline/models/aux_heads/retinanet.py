@@ -18,14 +18,13 @@ anchor's location (N, C), repeated over its A anchors).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.models.aux_heads.base import AuxHead, AuxPositives
+from pipeline.models.aux_heads.dense import ConvReLU, check_levels, conv_tower, flatten_levels, init_dense_head
 from pipeline.models.aux_heads.faster_rcnn import gt_to_pixels
 from pipeline.models.aux_heads.table import AuxBuildContext, RetinaNetConfig
 from pipeline.models.box_ops import DeltaXYWHCoder
@@ -33,17 +32,6 @@ from pipeline.models.losses import giou_loss, reduce_mean, sigmoid_focal_loss
 from pipeline.models.task_modules.anchors import anchor_scales, cached_grid_anchors
 from pipeline.models.task_modules.batching import pad_gts
 from pipeline.models.task_modules.max_iou_assigner import MaxIoUAssigner
-
-
-class ConvReLU(nn.Module):
-    """3x3 conv with bias + ReLU (mmcv `ConvModule` without norm); key `conv.*`."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.conv(x))
 
 
 class RetinaNetHead(AuxHead):
@@ -75,27 +63,17 @@ class RetinaNetHead(AuxHead):
         self.assigner = MaxIoUAssigner(cfg.pos_iou, cfg.neg_iou, cfg.min_pos_iou, match_low_quality=True)
         self.coder = DeltaXYWHCoder(stds=cfg.coder_stds)
         chans = [in_channels] + [feat_channels] * cfg.stacked_convs
-        self.cls_convs = nn.ModuleList([ConvReLU(chans[i], chans[i + 1]) for i in range(cfg.stacked_convs)])
-        self.reg_convs = nn.ModuleList([ConvReLU(chans[i], chans[i + 1]) for i in range(cfg.stacked_convs)])
+        self.cls_convs = conv_tower(ConvReLU, in_channels, feat_channels, cfg.stacked_convs)
+        self.reg_convs = conv_tower(ConvReLU, in_channels, feat_channels, cfg.stacked_convs)
         self.retina_cls = nn.Conv2d(chans[-1], self.num_anchors * num_classes, 3, padding=1)
         self.retina_reg = nn.Conv2d(chans[-1], self.num_anchors * 4, 3, padding=1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
-        nn.init.constant_(self.retina_cls.bias, -math.log((1 - cfg.prior_prob) / cfg.prior_prob))
+        init_dense_head(self, self.retina_cls, cfg.prior_prob)
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        if len(feats) != len(self.strides):
-            raise ValueError(f"RetinaNetHead expects {len(self.strides)} maps (strides {self.strides}), "
-                             f"got {len(feats)}")  # fmt: skip
+        check_levels(self, feats, self.strides)
         cls_scores, deltas = [], []
         for x in feats:
-            c, r = x, x
-            for conv in self.cls_convs:
-                c = conv(c)
-            for conv in self.reg_convs:
-                r = conv(r)
+            c, r = self.cls_convs(x), self.reg_convs(x)
             cls_scores.append(self.retina_cls(c))
             deltas.append(self.retina_reg(r))
         return cls_scores, deltas
@@ -139,8 +117,8 @@ class RetinaNetHead(AuxHead):
         num_pos = int(pos.sum(1).clamp(min=1).sum())  # mmdet SamplingResult.num_pos = max(#pos, 1), summed
         avg = reduce_mean(anchors.new_tensor(float(num_pos))).item()
 
-        cls = torch.cat([s.permute(0, 2, 3, 1).reshape(b, -1, nc) for s in cls_scores], 1).float()  # (B, N, nc)
-        reg = torch.cat([d.permute(0, 2, 3, 1).reshape(b, -1, 4) for d in deltas], 1).float()  # (B, N, 4)
+        cls = flatten_levels(cls_scores, nc).float()  # (B, N, nc)
+        reg = flatten_levels(deltas, 4).float()  # (B, N, 4)
         loss_cls = sigmoid_focal_loss(cls.reshape(-1, nc), labels.reshape(-1), label_w.reshape(-1), avg,
                                       self.focal_alpha, self.focal_gamma)  # fmt: skip
         if pos.any():
@@ -151,7 +129,7 @@ class RetinaNetHead(AuxHead):
         k = self.loss_index
         feats_out = None
         if self.with_coord_feat:  # location features, repeated over the A anchors of the location
-            flat = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)  # (B, sum hw, C)
+            flat = flatten_levels(feats, feats[0].shape[1])  # (B, sum hw, C)
             feats_out = list(flat.repeat_interleave(self.num_anchors, dim=1).unbind(0))
         positives = AuxPositives(head=self.name, coords=[anchors] * b, labels=list(labels.unbind(0)),
                                  targets=list(assigned.unbind(0)), feats=feats_out)  # fmt: skip
