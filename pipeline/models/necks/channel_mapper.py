@@ -9,11 +9,9 @@
   authors' convs end up Xavier-uniform (gain 1); GN weight 1, bias 0.
   State-dict names match the authors': `convs.{i}.conv.weight`, `convs.{i}.gn.{weight,bias}`,
   `extra_convs.{j}.conv.weight`, `extra_convs.{j}.gn.*`.
-- `SimpleFeaturePyramid`: the authors' ViT-L neck (`mmdet/models/necks/sfp.py` in Sense-X/Co-DETR, `SFP` with
-  `use_p2=True`), stride-16 ViT map -> strides 4, 8, 16, 32, 64. It is NOT mmdet/ViTDet's deconvolution SFP:
-  up-sampling is nearest `Upsample(x2)` + 3x3 conv, every conv is bias-free and followed by a channels-first
-  LayerNorm (eps 1e-6) and GELU, stride 32 is `MaxPool(3, 2, 1)`, stride 64 is that max-pool then a 3x3
-  stride-2 conv. Sequential indices match the authors' `p2..p6` so their keys `neck.pX.N.*` map one to one.
+- `SimpleFeaturePyramid`: the authors' ViT-L neck (`necks/sfp.py`, the same branches `p2..p6` and init) for any
+  subset of its five levels, stride-16 ViT map -> strides 4, 8, 16, 32, 64; the pyramid of the timm ViT wrapper
+  (`backbones/timm_backbones.ViTBackbone`), whose `out_indices` pick the levels.
 - `build_neck(backbone, ...)`: ChannelMapper, or a pass-through for backbones that already end in their own
   pyramid neck (the ViT + SFP backbone, `backbone.has_neck`).
 """
@@ -22,11 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ChannelMapper", "ConvGN", "LayerNorm2d", "SimpleFeaturePyramid", "build_neck"]
+from pipeline.models.necks.sfp import reset_sfp_parameters, sfp_branch
+
+__all__ = ["ChannelMapper", "ConvGN", "SimpleFeaturePyramid", "build_neck"]
 
 
 class ConvGN(nn.Module):
@@ -94,31 +92,9 @@ class ChannelMapper(nn.Module):
         return outs
 
 
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel dim of (B, C, H, W) maps (the authors' channels_first LayerNorm, eps 1e-6)."""
-
-    def __init__(self, num_channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
-
-
-def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, stride=stride, padding=(k - 1) // 2, bias=False)
-
-
-def _project(cin: int, cout: int) -> list[nn.Module]:
-    """The common tail of every SFP branch: 1x1 conv, LN, GELU, 3x3 conv, LN."""
-    return [_conv(cin, cout, 1), LayerNorm2d(cout), nn.GELU(), _conv(cout, cout, 3), LayerNorm2d(cout)]
-
-
 class SimpleFeaturePyramid(nn.Module):
-    """The authors' SFP: one stride-16 map -> maps at strides 4 * 2**level for the requested `levels`.
+    """The authors' SFP (`necks.sfp`, same branches) for any subset of its levels: one stride-16 map -> maps at
+    strides 4 * 2**level for the requested `levels`.
 
     Level 0..4 = branches p2..p6 = strides 4, 8, 16, 32, 64 (the authors' ViT-L config uses all five).
     forward(feats: [ (B, in_channels, H/16, W/16) ]) -> list of (B, out_channels, h_l, w_l), in level order.
@@ -129,33 +105,12 @@ class SimpleFeaturePyramid(nn.Module):
         levels = tuple(int(i) for i in levels)
         if not levels or any(i not in range(5) for i in levels) or list(levels) != sorted(set(levels)):
             raise ValueError(f"SFP levels must be increasing values in 0..4 (strides 4..64), got {levels}")
-        c = in_channels
-        branches: dict[int, list[nn.Module]] = {
-            0: [nn.Upsample(scale_factor=2), _conv(c, c // 2, 3), LayerNorm2d(c // 2), nn.GELU(),
-                nn.Upsample(scale_factor=2), _conv(c // 2, c // 4, 3), LayerNorm2d(c // 4), nn.GELU(),
-                *_project(c // 4, out_channels)],
-            1: [nn.Upsample(scale_factor=2), _conv(c, c // 2, 3), LayerNorm2d(c // 2), nn.GELU(),
-                *_project(c // 2, out_channels)],
-            2: _project(c, out_channels),
-            3: [nn.MaxPool2d(kernel_size=3, stride=2, padding=1), *_project(c, out_channels)],
-            4: [nn.MaxPool2d(kernel_size=3, stride=2, padding=1), _conv(c, c, 3, stride=2), LayerNorm2d(c),
-                nn.GELU(), *_project(c, out_channels)],
-        }  # fmt: skip
         self.levels = levels
         self.in_channels = in_channels
         self.out_channels = out_channels
         for i in levels:
-            self.add_module(f"p{i + 2}", nn.Sequential(*branches[i]))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """The authors' `init_cfg=Xavier(Conv2d, uniform)`; LayerNorm 1 / 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight)
-            elif isinstance(m, LayerNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            self.add_module(f"p{i + 2}", sfp_branch(i + 2, in_channels, out_channels))
+        reset_sfp_parameters(self)
 
     def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
         x = feats[-1]

@@ -24,7 +24,7 @@ from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["SFP"]
+__all__ = ["SFP", "sfp_branch"]
 
 LN_EPS = 1e-6
 
@@ -42,6 +42,41 @@ def _project(cin: int, cout: int) -> list[nn.Module]:
     return [_conv(cin, cout, 1), _ln(cout), nn.GELU(), _conv(cout, cout, 3), _ln(cout)]
 
 
+def sfp_branch(level: int, in_channels: int, out_channels: int) -> nn.Sequential:
+    """The branch producing P`level` (2..6, stride 2**level) from the stride-16 map (module docstring)."""
+    c = in_channels
+    if level == 2:
+        return nn.Sequential(
+            nn.Upsample(scale_factor=2), _conv(c, c // 2, 3), _ln(c // 2), nn.GELU(),
+            nn.Upsample(scale_factor=2), _conv(c // 2, c // 4, 3), _ln(c // 4), nn.GELU(),
+            *_project(c // 4, out_channels),
+        )  # fmt: skip
+    if level == 3:
+        return nn.Sequential(
+            nn.Upsample(scale_factor=2), _conv(c, c // 2, 3), _ln(c // 2), nn.GELU(), *_project(c // 2, out_channels)
+        )
+    if level == 4:
+        return nn.Sequential(*_project(c, out_channels))
+    if level == 5:
+        return nn.Sequential(nn.MaxPool2d(kernel_size=3, stride=2, padding=1), *_project(c, out_channels))
+    if level == 6:
+        return nn.Sequential(
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1), _conv(c, c, 3, stride=2), _ln(c), nn.GELU(),
+            *_project(c, out_channels),
+        )  # fmt: skip
+    raise ValueError(f"SFP levels are P2..P6, got P{level}")
+
+
+def reset_sfp_parameters(module: nn.Module) -> None:
+    """The authors' `init_cfg=Xavier(Conv2d, uniform)`; LayerNorm 1 / 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight)
+        elif isinstance(m, LayerNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class SFP(nn.Module):
     """forward(feats: [ (B, in_channels, h, w) ]) -> [P2 (B, C, 4h, 4w), P3 (2h, 2w), P4 (h, w),
     P5 (ceil(h/2), ceil(w/2)), P6 (ceil(ceil(h/2)/2), ...)]; without use_p2 the list starts at P3.
@@ -57,32 +92,15 @@ class SFP(nn.Module):
         self.checkpointing = checkpointing
         self.in_channels = in_channels
         levels = (2, 3, 4, 5, 6) if use_p2 else (3, 4, 5, 6)
+        self.levels = levels
         self.out_channels = [out_channels] * len(levels)
         self.strides = [2**lvl for lvl in levels]
-        if use_p2:
-            self.p2 = nn.Sequential(
-                nn.Upsample(scale_factor=2), _conv(c, c // 2, 3), _ln(c // 2), nn.GELU(),
-                nn.Upsample(scale_factor=2), _conv(c // 2, c // 4, 3), _ln(c // 4), nn.GELU(),
-                *_project(c // 4, out_channels),
-            )  # fmt: skip
-        self.p3 = nn.Sequential(
-            nn.Upsample(scale_factor=2), _conv(c, c // 2, 3), _ln(c // 2), nn.GELU(), *_project(c // 2, out_channels)
-        )
-        self.p4 = nn.Sequential(*_project(c, out_channels))
-        self.p5 = nn.Sequential(nn.MaxPool2d(kernel_size=3, stride=2, padding=1), *_project(c, out_channels))
-        self.p6 = nn.Sequential(
-            nn.MaxPool2d(kernel_size=3, stride=2, padding=1), _conv(c, c, 3, stride=2), _ln(c), nn.GELU(),
-            *_project(c, out_channels),
-        )  # fmt: skip
+        for lvl in levels:
+            self.add_module(f"p{lvl}", sfp_branch(lvl, c, out_channels))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight)
-            elif isinstance(m, LayerNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        reset_sfp_parameters(self)
 
     def set_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of each branch (the authors' `use_act_checkpoint`)."""
@@ -92,7 +110,7 @@ class SFP(nn.Module):
         if len(feats) != 1:
             raise ValueError(f"SFP takes the single stride-16 ViT map, got {len(feats)} maps")
         x = feats[0]
-        branches = ([self.p2] if self.use_p2 else []) + [self.p3, self.p4, self.p5, self.p6]
+        branches = [getattr(self, f"p{lvl}") for lvl in self.levels]
         if self.checkpointing and torch.is_grad_enabled():
             return [checkpoint(b, x, use_reentrant=False) for b in branches]
         return [b(x) for b in branches]
