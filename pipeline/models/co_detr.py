@@ -191,7 +191,7 @@ class CoDETR(nn.Module):
         from pipeline.models.aux_queries.groups import aux_decoder_losses, build_aux_groups
 
         assert self.adapter is not None and self.aux_query_proj is not None
-        maps = self.adapter(enc.memory, enc.spatial_shapes)  # L + 1 maps (B, C, h, w)
+        maps = self.adapter(enc.memory, enc.spatial_hw)  # L + 1 maps (B, C, h, w)
         focal = (self.head.focal_alpha, self.head.focal_gamma) if self.head.cls_loss == "focal" else None
         losses: dict[str, Tensor] = {}
         for k, aux_head in enumerate(self.aux_heads):
@@ -212,12 +212,14 @@ class CoDETR(nn.Module):
         """Targets on the model's device; in LSJ mode (no padding mask) boxes are renormalised to the padded
         canvas, as the authors overwrite img_shape with the batch shape."""
         device = img_sizes.device
+        if not self.with_padding_mask:  # (B, 4) (w, h, w, h) / canvas, on the device: no host sync
+            canvas = torch.tensor([batch_shape[1], batch_shape[0]], dtype=torch.float32, device=device)
+            scales = (img_sizes.flip(-1).to(torch.float32) / canvas).repeat(1, 2)
         out = []
-        for t, size in zip(targets, img_sizes.tolist()):
+        for i, t in enumerate(targets):
             boxes = t["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4)
             if not self.with_padding_mask:
-                scale = boxes.new_tensor([size[1] / batch_shape[1], size[0] / batch_shape[0]]).repeat(2)
-                boxes = boxes * scale
+                boxes = boxes * scales[i]
             out.append({**t, "boxes": boxes, "labels": t["labels"].to(device).reshape(-1).long()})
         return out
 

@@ -65,6 +65,13 @@ def deform_attn_impl(name: str) -> Iterator[None]:
         _IMPL.reset(token)
 
 
+def level_hw(spatial_shapes: Tensor | Sequence[Sequence[int]]) -> SpatialHW:
+    """Level sizes (h, w) as Python ints, from an (L, 2) long tensor (read back once: a host sync on CUDA) or
+    from (h, w) pairs already on the host (no sync)."""
+    pairs = spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor) else spatial_shapes
+    return tuple((int(h), int(w)) for h, w in pairs)
+
+
 def _check_inputs(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
                   attention_weights: Tensor, spatial_hw: Sequence[Sequence[int]] | None = None) -> SpatialHW:
     """Validate shapes; returns the level sizes as Python ints (read from `spatial_shapes` if not given)."""
@@ -85,9 +92,9 @@ def _check_inputs(value: Tensor, spatial_shapes: Tensor, sampling_locations: Ten
         raise ValueError(f"spatial_shapes must be ({L}, 2) (h, w) per level, "
                          f"got {tuple(spatial_shapes.shape)}")
     if spatial_hw is None:
-        hw = tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())  # one host sync on CUDA
+        hw = level_hw(spatial_shapes)  # one host sync on CUDA
     else:
-        hw = tuple((int(h), int(w)) for h, w in spatial_hw)
+        hw = level_hw(spatial_hw)
         if len(hw) != L or any(h < 1 or w < 1 for h, w in hw):
             raise ValueError(f"spatial_hw must be {L} positive (h, w) pairs, got {spatial_hw}")
     total = sum(h * w for h, w in hw)

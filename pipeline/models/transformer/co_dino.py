@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.layers.deform_attn import MultiScaleDeformableAttention
+from pipeline.models.layers.deform_attn import MultiScaleDeformableAttention, SpatialHW
 from pipeline.models.layers.padding_mask import valid_ratio
 from pipeline.models.layers.position_encoding import SinePositionalEncoding
 from pipeline.models.transformer.decoder import DinoDecoder
@@ -32,21 +32,15 @@ from pipeline.models.transformer.query_selection import QuerySelection, encoder_
 class EncoderOutput:
     """memory: (B, S, C), S = sum_l h_l*w_l, levels flattened row-major in order;
     spatial_shapes: (L, 2) long (h, w); level_start_index: (L,) long; valid_ratios: (B, L, 2) (w, h);
-    padding_mask: (B, S) bool, True = padding."""
+    padding_mask: (B, S) bool, True = padding; spatial_hw: spatial_shapes as Python ints, taken from the feature
+    maps' shapes once per forward, so that no consumer reads `spatial_shapes` back from the device."""
 
     memory: Tensor
     spatial_shapes: Tensor
     level_start_index: Tensor
     valid_ratios: Tensor
     padding_mask: Tensor
-
-    def maps(self) -> list[Tensor]:
-        """Memory split back per level: list of (B, C, h_l, w_l) (the aux adapter's first maps)."""
-        b, _, c = self.memory.shape
-        sizes = [int(h) * int(w) for h, w in self.spatial_shapes.tolist()]
-        chunks = torch.split(self.memory, sizes, dim=1)
-        return [x.transpose(1, 2).reshape(b, c, int(h), int(w))
-                for x, (h, w) in zip(chunks, self.spatial_shapes.tolist())]
+    spatial_hw: SpatialHW
 
 
 @dataclass
@@ -108,7 +102,7 @@ class CoDinoTransformer(nn.Module):
         flat, masks, pos_flat, shapes = [], [], [], []
         level_masks = []
         for lvl, feat in enumerate(feats):
-            h, w = feat.shape[-2:]
+            h, w = (int(s) for s in feat.shape[-2:])
             m = F.interpolate(mask[None].float(), size=(h, w)).to(torch.bool)[0]  # (B, h, w)
             pos = self.positional_encoding(m)  # (B, C, h, w)
             shapes.append((h, w))
@@ -122,14 +116,15 @@ class CoDinoTransformer(nn.Module):
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([valid_ratio(m) for m in level_masks], 1)
-        memory = self.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask)
-        return EncoderOutput(memory, spatial_shapes, level_start_index, valid_ratios, padding_mask)
+        spatial_hw = tuple(shapes)
+        memory = self.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask, spatial_hw)
+        return EncoderOutput(memory, spatial_shapes, level_start_index, valid_ratios, padding_mask, spatial_hw)
 
     def select_queries(self, enc: EncoderOutput, cls_branch: nn.Module, reg_branch: nn.Module) -> QuerySelection:
         """Encoder proposals scored by the encoder branches; top-`num_queries` by max class logit."""
         lo, hi = self.proposal_valid_range
         memory, anchor_logits = encoder_proposals(
-            enc.memory, enc.padding_mask, enc.spatial_shapes, self.proposal_base_wh, lo, hi
+            enc.memory, enc.padding_mask, enc.spatial_hw, self.proposal_base_wh, lo, hi
         )
         output_memory = self.enc_output_norm(self.enc_output(memory))
         enc_logits = cls_branch(output_memory)
@@ -166,6 +161,7 @@ class CoDinoTransformer(nn.Module):
             reg_branches,
             attn_mask=attn_mask,
             query_pos=query_pos,
+            spatial_hw=enc.spatial_hw,
         )
 
     def forward(

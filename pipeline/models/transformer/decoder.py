@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.models.box_ops import inverse_sigmoid
-from pipeline.models.layers.deform_attn import MultiScaleDeformableAttention
+from pipeline.models.layers.deform_attn import MultiScaleDeformableAttention, SpatialHW, level_hw
 from pipeline.models.layers.position_encoding import coordinate_to_encoding
 from pipeline.models.transformer.encoder import FFN
 
@@ -52,7 +52,7 @@ class DinoDecoderLayer(nn.Module):
         level_start_index: Tensor,
         padding_mask: Tensor | None,
         attn_mask: Tensor | None = None,
-        spatial_hw: tuple[tuple[int, int], ...] | None = None,
+        spatial_hw: SpatialHW | None = None,
     ) -> Tensor:
         """query, query_pos: (B, Q, C); reference_points: (B, Q, L, 4) cxcywh scaled by the valid ratios;
         memory: (B, S, C); attn_mask: (Q, Q) bool, True = blocked; spatial_hw: spatial_shapes as Python ints."""
@@ -105,7 +105,7 @@ class DinoDecoder(nn.Module):
         reg_branches: Sequence[nn.Module],
         attn_mask: Tensor | None = None,
         query_pos: Tensor | None = None,
-        spatial_hw: tuple[tuple[int, int], ...] | None = None,
+        spatial_hw: SpatialHW | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Run all layers.
 
@@ -121,7 +121,7 @@ class DinoDecoder(nn.Module):
         if query_pos is None and self.ref_point_head is None:
             raise ValueError("this decoder has no ref_point_head: pass a fixed query_pos")
         if spatial_hw is None:
-            spatial_hw = tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())
+            spatial_hw = level_hw(spatial_shapes)
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, 1, L, 4)
         hidden, references = [], [reference_boxes]
         output = query

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.models.layers.deform_attn import MultiScaleDeformableAttention
+from pipeline.models.layers.deform_attn import MultiScaleDeformableAttention, SpatialHW, level_hw
 
 
 class FFN(nn.Module):
@@ -50,7 +50,7 @@ class DeformableEncoderLayer(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         padding_mask: Tensor | None,
-        spatial_hw: tuple[tuple[int, int], ...] | None = None,
+        spatial_hw: SpatialHW | None = None,
     ) -> Tensor:
         """src, pos: (B, S, C); reference_points: (B, S, L, 2); padding_mask: (B, S) True = pad;
         spatial_hw: spatial_shapes as Python ints (no host sync in the attention kernel)."""
@@ -78,13 +78,13 @@ class DeformableEncoder(nn.Module):
         level_start_index: Tensor,
         valid_ratios: Tensor,
         padding_mask: Tensor | None,
-        spatial_hw: tuple[tuple[int, int], ...] | None = None,
+        spatial_hw: SpatialHW | None = None,
     ) -> Tensor:
         """src, pos: (B, S, C) flattened levels; valid_ratios: (B, L, 2) as (w, h). Returns memory (B, S, C).
         spatial_hw: spatial_shapes as Python ints; read from spatial_shapes once here if not given."""
         if spatial_hw is None:
-            spatial_hw = tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+            spatial_hw = level_hw(spatial_shapes)
+        reference_points = encoder_reference_points(spatial_hw, valid_ratios)
         for i, layer in enumerate(self.layers):
             args = (src, pos, reference_points, spatial_shapes, level_start_index, padding_mask, spatial_hw)
             if i < self.checkpoint_layers and self.training and torch.is_grad_enabled():
@@ -94,14 +94,15 @@ class DeformableEncoder(nn.Module):
         return src
 
 
-def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+def encoder_reference_points(spatial_shapes: Tensor | SpatialHW, valid_ratios: Tensor) -> Tensor:
     """Pixel centres of every level, normalised by the valid size, then scaled by every level's valid ratio.
 
-    spatial_shapes: (L, 2) long (h, w); valid_ratios: (B, L, 2) (w, h). Returns (B, S, L, 2) as (x, y).
+    spatial_shapes: (L, 2) long (h, w), or the same as Python ints (no host sync); valid_ratios: (B, L, 2) (w, h).
+    Returns (B, S, L, 2) as (x, y).
     """
     device = valid_ratios.device
     points = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(level_hw(spatial_shapes)):
         ref_y, ref_x = torch.meshgrid(
             torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
             torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),

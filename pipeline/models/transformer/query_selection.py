@@ -7,18 +7,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pipeline.models.layers.deform_attn import SpatialHW, level_hw
+
 
 def encoder_proposals(
     memory: Tensor,
     padding_mask: Tensor,
-    spatial_shapes: Tensor,
+    spatial_shapes: Tensor | SpatialHW,
     base_wh: float = 0.05,
     valid_min: float = 0.01,
     valid_max: float = 0.99,
 ) -> tuple[Tensor, Tensor]:
     """One anchor per memory token (mmdet `gen_encoder_output_proposals`, without the output projection).
 
-    memory: (B, S, C); padding_mask: (B, S) True = pad; spatial_shapes: (L, 2) long (h, w).
+    memory: (B, S, C); padding_mask: (B, S) True = pad; spatial_shapes: (L, 2) long (h, w), or the same as
+    Python ints (no host sync).
     Anchor of level l: centre (pixel + 0.5) / valid size, w = h = base_wh * 2**l, stored as logits; padded or
     invalid anchors (a coordinate outside (valid_min, valid_max)) get +inf and their memory is zeroed.
     Returns (memory with invalid tokens zeroed (B, S, C), anchor logits (B, S, 4) cxcywh).
@@ -26,7 +29,7 @@ def encoder_proposals(
     n = memory.shape[0]
     proposals = []
     start = 0
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(level_hw(spatial_shapes)):
         mask = padding_mask[:, start : start + h * w].view(n, h, w)
         valid_h = torch.sum(~mask[:, :, 0], 1)
         valid_w = torch.sum(~mask[:, 0, :], 1)
