@@ -71,6 +71,16 @@ def _drop_seen(batch: Any, seen: set[int]) -> Any | None:
                                targets=[batch.targets[i] for i in keep])
 
 
+def _next_unseen(batches: Any, seen: set[int]) -> Any | None:
+    """The next batch of the iterator `batches` without the images in `seen` (batches left empty are skipped);
+    None when `batches` is exhausted."""
+    for batch in batches:
+        kept = _drop_seen(batch, seen)
+        if kept is not None:
+            return kept
+    return None
+
+
 DEBUG_ENV = ("CODETR_FAULT_AT_STEP", "CODETR_FAULT_MARKER", "CODETR_TRACE_IDS", "CODETR_RECORD_COLLECTIVES",
              "CODETR_NONFINITE_AT", "CODETR_TRACE_INIT")
 
@@ -80,11 +90,13 @@ def _knob(config: dict[str, Any], name: str) -> str:
     return os.environ.get(name) or config.get("debug_env", {}).get(name, "")
 
 
-def _nonfinite_knob(config: dict[str, Any], rank: int, step: int) -> bool:
+def _nonfinite_step(config: dict[str, Any], rank: int) -> int:
     """CODETR_NONFINITE_AT=RANK:STEP: this rank's loss terms become NaN in the micro-steps of optimizer step STEP
-    (1-based), so only that rank sees a non-finite loss (tests of the non-finite consensus)."""
+    (1-based), so only that rank sees a non-finite loss (tests of the non-finite consensus). Returns STEP on that
+    rank, 0 (never) elsewhere or when unset."""
     at = _knob(config, "CODETR_NONFINITE_AT")
-    return bool(at) and at == f"{rank}:{step}"
+    r, _, step = at.partition(":")
+    return int(step) if at and r == str(rank) and step.isdigit() else 0
 
 
 def _trace_init(config: dict[str, Any], rank: int) -> None:
@@ -219,6 +231,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     trace_path = _knob(config, "CODETR_TRACE_IDS")
+    poison_step = _nonfinite_step(config, rank)
     max_steps = tcfg.max_steps if tcfg.max_steps > 0 else None
     done = max_steps is not None and state["step"] >= max_steps
     while not done and state["epoch"] < tcfg.epochs:
@@ -234,20 +247,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                shuffle_seed=(tcfg.seed * 1_000_003 + epoch * 1009 + rank) % (2**31))
         t_wait = time.perf_counter()
         while True:
-            batch = next(batches, None)
-            while batch is not None and _drop_seen(batch, seen) is None:
-                batch = next(batches, None)
-            if batch is not None:
-                batch = _drop_seen(batch, seen)
+            batch = _next_unseen(batches, seen)
             if not pcoll.all_agree(batch is not None):  # every rank still has a batch (DDP lockstep)
                 break
             t0 = time.perf_counter()
             stats.data_wait_s += t0 - t_wait
-            set_lr(optimizer, lr_factor(state["step"], epoch, tcfg))
+            if micro % accum == 0:  # the first micro-step of an optimizer step: its lr
+                set_lr(optimizer, lr_factor(state["step"], epoch, tcfg))
             losses = backward_micro_batch(
                 ddp_model, batch.images, batch.masks, batch.targets, accum=accum, device=device, amp=tcfg.amp,
                 step=state["step"], nonfinite=tcfg.nonfinite, no_sync=(micro + 1) % accum != 0,
-                poison=_nonfinite_knob(config, rank, state["step"] + 1))
+                poison=poison_step == state["step"] + 1)
             micro += 1
             seen_local.extend(int(t["image_id"]) for t in batch.targets)
             if trace_path:
