@@ -204,3 +204,53 @@ def test_tune_recipe_runs(ray_local, tmp_path) -> None:
     assert cfg.job.model.transformer.num_queries == 900  # the R50 recipe's queries, kept
     res = run_search(cfg)
     assert len(res.rows) == 2 and res.best is not None, res.rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the embedded local recipes (configs/local/) and the Tune presets of paper Tables 7 and 8
+
+LOCAL_OVERRIDES = ["train.max_steps=2", "synthetic.images=4", "synthetic.val_images=2", "eval.max_images=2"]
+
+
+def _local(recipe: str, tmp: pathlib.Path, extra: list[str] = ()):
+    """A configs/local recipe (already CPU-sized): only its budget shrinks."""
+    from pipeline.train.driver import run_stage
+
+    overrides = [*LOCAL_OVERRIDES, f"work_dir={tmp}", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", *extra]
+    USED_OVERRIDES[f"local/{recipe}"] = [o.replace(str(tmp), "<tmp>") for o in overrides]
+    job = load_config(str(CONFIGS / "local" / recipe), overrides)
+    return job, run_stage(job, register=False)
+
+
+@pytest.fixture(scope="module")
+def local_pretrain(ray_local, tmp_path_factory):
+    return _local("pretrain_o365.yaml", tmp_path_factory.mktemp("local_o365"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["finetune_coco.yaml", "finetune_lvis.yaml"])
+def test_local_recipes_chain(local_pretrain, tmp_path, recipe: str) -> None:
+    """configs/local/pretrain_o365.yaml, then each local finetune from its checkpoint (class heads remapped)."""
+    assert local_pretrain[1].metrics["step"] == 2
+    job, res = _local(recipe, tmp_path, [f"init.from={local_pretrain[1].checkpoint_uri}"])
+    assert res.metrics["step"] == 2 and ("val/APr" if job.eval.protocol == "lvis" else "val/AP") in res.metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tune_table7.yaml", "tune_table8.yaml"])
+def test_tune_table_presets_run(ray_local, tmp_path, preset: str) -> None:
+    """The preset's job, fifo budget and results table, with its grid cut to K = 0 and its largest K."""
+    from pipeline.tune.search import load_search, run_search
+
+    full = load_search(str(CONFIGS / preset))
+    heads = full.search.space["model.co.aux_heads"].values
+    largest = max(heads, key=len)
+    overrides = [f"search.name={preset.removesuffix('.yaml')}-smoke", "search.max_concurrent=1",
+                 "search.space={model.co.aux_heads: {type: grid, values: [[], [" + ", ".join(largest) + "]]}}",
+                 "search.scheduler={type: fifo, time_attr: step, max_t: 2, grace_period: 2}",
+                 "job.train.max_steps=2", "job.synthetic.images=4", "job.synthetic.val_images=2",
+                 f"job.work_dir={tmp_path}", f"job.tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    USED_OVERRIDES[preset] = [o.replace(str(tmp_path), "<tmp>") for o in overrides]
+    res = run_search(load_search(str(CONFIGS / preset), overrides))
+    assert len(res.rows) == 2 and res.best is not None, res.rows
+    assert sorted(r["K"] for r in res.rows) == [0, len(largest)]
