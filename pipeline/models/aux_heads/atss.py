@@ -160,7 +160,7 @@ class ATSSHead(AuxHead):
         hw = img_sizes.to(device=device, dtype=torch.float32)
         gt_xyxy = box_cxcywh_to_xyxy(gt) * torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], 1)[:, None]
         valid = torch.cat(flags)
-        all_valid = bool(valid.all())
+        all_valid = self.pad_size_divisor <= 0 or bool(valid.all())  # divisor 0: all valid, no read-back
         num_level_valid = num_level_anchors if all_valid else [int(f.sum()) for f in flags]
         res = self.assigner.assign_batch(anchors if all_valid else anchors[valid], num_level_valid, gt_xyxy,
                                          gt_labels, gt_valid)  # (B, N_valid)  # fmt: skip
@@ -188,14 +188,15 @@ class ATSSHead(AuxHead):
         num_level_anchors = [a.shape[0] for a in level_anchors]
         anchors = torch.cat(level_anchors)  # (N, 4)
 
-        pads = [self._pad(s) for s in img_sizes.tolist()]
+        # valid flags per image: they depend on the image sizes only with a pad_size_divisor (no read-back without)
+        pads = [self._pad(s) for s in img_sizes.tolist()] if self.pad_size_divisor > 0 else [self._pad((0, 0))] * b
         flags = [cached_valid_flags(sizes, self.strides, p, 1, device) for p in pads]
         if all(p == pads[0] for p in pads):  # every image has the same valid anchors (always with the default
             # pad_size_divisor 0): one batched assignment, the same result as per image
             labels_t, weights_t, targets_t, num_pos = self.get_targets_batch(
                 anchors, num_level_anchors, flags[0], targets, img_sizes
             )
-            num_pos_total = int(num_pos.clamp(min=1).sum())  # mmdet SamplingResult.num_pos = max(#pos, 1)
+            num_pos_total = num_pos.clamp(min=1).sum()  # mmdet SamplingResult.num_pos = max(#pos, 1), on device
             all_labels, all_targets = list(labels_t.unbind(0)), list(targets_t.unbind(0))
         else:
             all_labels, all_weights, all_targets, num_pos_total = [], [], [], 0
@@ -240,7 +241,7 @@ class ATSSHead(AuxHead):
         labels: Tensor,
         label_weights: Tensor,
         bbox_targets: Tensor,
-        num_pos_total: int,
+        num_pos_total: int | Tensor,
         class_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """anchors (N, 4); per-level predictions; labels (B, N) bg = nc; label_weights (B, N); bbox_targets
@@ -252,7 +253,8 @@ class ATSSHead(AuxHead):
         deltas = flatten_levels(bbox_preds, 4).float()  # (B, N, 4)
         ctr = flatten_levels(centernesses, 1).squeeze(-1).float()  # (B, N)
 
-        avg_factor = reduce_mean(cls.new_tensor(float(num_pos_total))).item()
+        # loss normalisers stay tensors on the device (no host sync)
+        avg_factor = reduce_mean(torch.as_tensor(num_pos_total, dtype=torch.float32, device=cls.device))
 
         loss_cls = sigmoid_focal_loss(
             cls.reshape(-1, nc),
@@ -262,21 +264,18 @@ class ATSSHead(AuxHead):
             alpha=self.focal_alpha,
             gamma=self.focal_gamma,
         )
-        pos = (labels >= 0) & (labels < nc)
-        if pos.any():
-            pos_anchors = anchors[None].expand(b, -1, -1)[pos]  # (P, 4)
-            pos_gt = bbox_targets[pos]
-            ctr_targets = centerness_target(pos_anchors, pos_gt)
-            pred_boxes = self.coder.decode(pos_anchors, deltas[pos])
-            loss_bbox = giou_loss(pred_boxes, pos_gt, weight=ctr_targets, avg_factor=1.0)
-            bce = F.binary_cross_entropy_with_logits(ctr[pos], ctr_targets, reduction="none")
-            loss_ctr = weight_reduce_loss(bce, None, "mean", avg_factor)
-            ctr_sum = ctr_targets.sum()
-        else:
-            loss_bbox = deltas.sum() * 0
-            loss_ctr = ctr.sum() * 0
-            ctr_sum = deltas.new_tensor(0.0)
-        bbox_avg_factor = reduce_mean(ctr_sum.detach()).clamp(min=1).item()
+        # The positives' box and centerness losses over every anchor, weighted by the positive mask (fixed shapes:
+        # no bool-mask indexing, no `pos.any()` read-back). A negative's stand-in target is its own anchor, so
+        # its centerness (1) and GIoU are finite before the zero weight; the sums equal those over the positives.
+        pos = ((labels >= 0) & (labels < nc)).reshape(-1)  # (B N,)
+        flat_anchors = anchors[None].expand(b, -1, -1).reshape(-1, 4)
+        gt = torch.where(pos[:, None], bbox_targets.reshape(-1, 4), flat_anchors)
+        ctr_targets = centerness_target(flat_anchors, gt) * pos  # (B N,), 0 off the positives
+        pred_boxes = self.coder.decode(flat_anchors, deltas.reshape(-1, 4))
+        loss_bbox = giou_loss(pred_boxes, gt, weight=ctr_targets, avg_factor=1.0)
+        bce = F.binary_cross_entropy_with_logits(ctr.reshape(-1), ctr_targets, reduction="none")
+        loss_ctr = weight_reduce_loss(bce, pos.to(bce.dtype), "mean", avg_factor)
+        bbox_avg_factor = reduce_mean(ctr_targets.sum().detach()).clamp(min=1)
         loss_bbox = loss_bbox / bbox_avg_factor
         k = self.loss_index
         return {

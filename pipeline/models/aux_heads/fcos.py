@@ -197,7 +197,7 @@ class FCOSHead(AuxHead):
         dist = flatten_levels(dists, 4)  # (B, N, 4)
         ctr = flatten_levels(ctrs, 1).squeeze(-1).float()  # (B, N)
         pos = labels_t < nc
-        num_pos = reduce_mean(cls.new_tensor(float(pos.sum()))).clamp(min=1.0).item()
+        num_pos = reduce_mean(pos.sum().to(torch.float32)).clamp(min=1.0)  # a device tensor: no host sync
         loss_cls = sigmoid_focal_loss(cls.reshape(-1, nc), labels_t.reshape(-1), None, num_pos,
                                       self.focal_alpha, self.focal_gamma)  # fmt: skip
         if pos.any():
@@ -207,7 +207,7 @@ class FCOSHead(AuxHead):
             t_dist = torch.cat([p_pts - gt[:, :2], gt[:, 2:] - p_pts], 1) / p_strides  # (P, 4) stride units
             lr, tb = t_dist[:, [0, 2]], t_dist[:, [1, 3]]
             c_t = torch.sqrt((lr.min(-1).values / lr.max(-1).values) * (tb.min(-1).values / tb.max(-1).values))
-            denorm = reduce_mean(c_t.sum().detach()).clamp(min=1e-6).item()
+            denorm = reduce_mean(c_t.sum().detach()).clamp(min=1e-6)
             p_unit = p_pts / p_strides  # decode both in stride units (GIoU is scale-invariant)
             loss_bbox = giou_loss(_distances_to_boxes(p_unit, dist[pos]), _distances_to_boxes(p_unit, t_dist),
                                   weight=c_t, avg_factor=denorm)  # fmt: skip

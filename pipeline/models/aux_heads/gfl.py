@@ -114,7 +114,7 @@ class GFLHead(AuxHead):
         labels_t = torch.where(pos, res.labels, nc)
         assigned_t = gt.gather(1, (res.gt_inds - 1).clamp(min=0)[..., None].expand(-1, -1, 4))
         assigned_t = torch.where(pos[..., None], assigned_t, assigned_t.new_zeros(()))  # (B, N, 4)
-        num_pos = int(pos.sum(1).clamp(min=1).sum())  # mmdet: sum_b max(#pos_b, 1)
+        num_pos = pos.sum(1).clamp(min=1).sum()  # mmdet: sum_b max(#pos_b, 1); a device tensor: no host sync
 
         cls = flatten_levels(cls_scores, nc).float()  # (B, N, nc)
         reg = flatten_levels(regs, 4 * n_bins)  # (B, N, 4 bins)
@@ -129,14 +129,14 @@ class GFLHead(AuxHead):
             box = torch.cat([centre - dist[:, :2], centre + dist[:, 2:]], 1)
             scores[pos] = aligned_iou(box.detach(), gt)
             weight = cls.detach().sigmoid().max(-1).values[pos]  # (P,)
-            avg = reduce_mean(weight.sum()).clamp(min=1).item()
+            avg = reduce_mean(weight.sum()).clamp(min=1)
             loss_bbox = giou_loss(box, gt, weight=weight, avg_factor=1.0) / avg
             target = torch.cat([centre - gt[:, :2], gt[:, 2:] - centre], 1).clamp(min=0, max=self.reg_max - 0.01)
             dfl = distribution_focal_loss(logits, target.reshape(-1))
             loss_dfl = weight_reduce_loss(dfl, weight[:, None].expand(-1, 4).reshape(-1), avg_factor=4.0) / avg
         else:
             loss_bbox, loss_dfl = reg.sum() * 0, reg.sum() * 0
-        n_avg = max(reduce_mean(cls.new_tensor(float(num_pos))).item(), 1.0)
+        n_avg = reduce_mean(num_pos.to(torch.float32)).clamp(min=1.0)
         qfl = quality_focal_loss(cls.reshape(-1, nc), labels_t.reshape(-1), scores.reshape(-1), self.qfl_beta)
         loss_cls = weight_reduce_loss(qfl, avg_factor=n_avg)
         feats_out = None

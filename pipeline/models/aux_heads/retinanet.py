@@ -114,8 +114,8 @@ class RetinaNetHead(AuxHead):
         # (B, N), (B, N), (B, N, 4): one batched assignment
         labels, label_w, assigned = self.targets_batch(anchors, *pad_gts(gt_boxes, gt_labels))
         pos = labels < nc
-        num_pos = int(pos.sum(1).clamp(min=1).sum())  # mmdet SamplingResult.num_pos = max(#pos, 1), summed
-        avg = reduce_mean(anchors.new_tensor(float(num_pos))).item()
+        num_pos = pos.sum(1).clamp(min=1).sum()  # mmdet SamplingResult.num_pos = max(#pos, 1), summed
+        avg = reduce_mean(num_pos.to(torch.float32))  # a device tensor: no host sync
 
         cls = flatten_levels(cls_scores, nc).float()  # (B, N, nc)
         reg = flatten_levels(deltas, 4).float()  # (B, N, 4)

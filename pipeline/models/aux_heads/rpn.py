@@ -142,7 +142,8 @@ class RPNHead(nn.Module):
         assigned = gt.gather(1, (result.gt_inds - 1).clamp(min=0)[..., None].expand(-1, -1, 4))  # (B, N, 4)
         box_targets = self.coder.encode(flat_anchors[None].expand(b, -1, -1)[pos], assigned[pos])
         bbox_sum = (pred[pos] - box_targets).abs().sum()
-        avg_factor = int((pos.sum(1).clamp(min=1) + neg.sum(1).clamp(min=1)).sum())  # mmdet, summed over images
+        # mmdet's normaliser, summed over images; a device tensor (no host sync)
+        avg_factor = (pos.sum(1).clamp(min=1) + neg.sum(1).clamp(min=1)).sum().to(torch.float32)
         return {
             f"loss_rpn_cls{self.loss_suffix}": weight_reduce_loss(cls_sum, avg_factor=avg_factor),
             f"loss_rpn_bbox{self.loss_suffix}": weight_reduce_loss(bbox_sum, avg_factor=avg_factor),

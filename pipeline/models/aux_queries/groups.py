@@ -184,7 +184,7 @@ class _GroupTargets:
     pos_xyxy: Tensor
     targets_px: Tensor
     cls_avg: Tensor
-    box_avg: float
+    box_avg: Tensor
 
 
 def _group_targets(group: AuxGroup, factors: Tensor, num_classes: int) -> _GroupTargets:
@@ -192,8 +192,7 @@ def _group_targets(group: AuxGroup, factors: Tensor, num_classes: int) -> _Group
     labels = group.labels.reshape(-1)
     targets = group.targets.reshape(-1, 4).float()
     pos = (labels >= 0) & (labels < num_classes)
-    num_pos = torch.tensor(float(pos.sum()), dtype=torch.float32, device=targets.device)
-    avg = reduce_mean(num_pos).clamp(min=1)  # one all-reduce for both normalisers
+    avg = reduce_mean(pos.sum().to(torch.float32)).clamp(min=1)  # one all-reduce for both normalisers, on device
     return _GroupTargets(
         labels=labels,
         label_w=group.label_weights.reshape(-1).float(),
@@ -203,7 +202,7 @@ def _group_targets(group: AuxGroup, factors: Tensor, num_classes: int) -> _Group
         pos_xyxy=box_cxcywh_to_xyxy(targets[pos]),
         targets_px=box_cxcywh_to_xyxy(targets) * factors,
         cls_avg=avg,
-        box_avg=avg.item(),
+        box_avg=avg,
     )
 
 

@@ -142,7 +142,7 @@ class ATSSAssigner:
         masked.scatter_(1, cand, torch.where(is_pos, cand_iou, cand_iou.new_tensor(-_INF)))
         max_overlaps, argmax = masked.max(dim=2)  # first GT on exact ties, padded GTs last
         pos = max_overlaps != -_INF
-        gt_inds[pos] = argmax[pos] + 1
-        labels[pos] = gt_labels.gather(1, argmax)[pos].long()
+        gt_inds = torch.where(pos, argmax + 1, gt_inds)  # where(), not mask assignment: no host sync
+        labels = torch.where(pos, gt_labels.gather(1, argmax).long(), labels)
         max_overlaps = torch.where(gt_valid.any(1, keepdim=True), max_overlaps, max_overlaps.new_zeros(()))
         return AssignResult(num_gt, gt_inds, max_overlaps, labels)
