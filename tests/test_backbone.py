@@ -274,7 +274,6 @@ def _load_golden():
     return mod
 
 
-@pytest.mark.slow  # 15 s idle, ~25 s on the shared machine: ResNet-50 on two 320x416 images
 def test_golden_resnet50_and_neck_match_authors():
     """The authors' C2..C5 and neck statistics for their weights, mapped by a prefix change only."""
     mw = _load_golden()

@@ -234,7 +234,6 @@ def test_r50_recipe_builds_with_the_expected_parameter_counts():
     print(f"Co-Deformable-DETR R50: total {total:,d}, inference {inference:,d}")
 
 
-@pytest.mark.slow
 def test_model_info_reports_equal_inference_params():
     out = {}
     for k in (0, 2):

@@ -69,7 +69,6 @@ def test_deployed_k2_equals_k0_parameters():
     k0.load_state_dict(deployed)  # strict: a K=2 export loads into the K=0 model
 
 
-@pytest.mark.slow
 def test_model_info_reports_equal_inference_params():
     out = {}
     for k in (0, 2):

@@ -69,7 +69,6 @@ def test_helpers_are_identity_outside_a_process_group() -> None:
     assert pcoll.all_gather_objects([1]) == [[1]] and pcoll.gather_objects("x") == ["x"]
 
 
-@pytest.mark.slow
 def test_two_workers_record_collectives_agree_on_nonfinite_and_init_once(ray_local, tmp_path, monkeypatch):
     from pipeline.models import build_model
     from pipeline.train import checkpoint as ckpt_io

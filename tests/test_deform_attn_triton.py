@@ -30,7 +30,6 @@ def test_triton_kernel_matches_reference_in_interpreter():
     assert f"{NUM_CHECKS} checks passed" in proc.stdout, proc.stdout
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("value_dtype", ["bf16", "fp32"])
 def test_triton_kernels_compile_for_hopper_without_a_gpu(value_dtype):

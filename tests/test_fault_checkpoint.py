@@ -55,7 +55,6 @@ def test_resume_falls_back_past_corrupt_checkpoints(tmp_path):
         pass
 
 
-@pytest.mark.slow
 def test_stage_resumes_from_last_good_checkpoint(ray_local, tmp_path, monkeypatch):
     from pipeline.train.driver import run_stage
 

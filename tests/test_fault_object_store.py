@@ -86,7 +86,6 @@ def _outage(moto: Moto, down_when, up_when, hold_s: float, events: dict) -> thre
     return t
 
 
-@pytest.mark.slow
 def test_checkpoint_upload_survives_store_outage(ray_local, moto, tmp_path, monkeypatch):
     from pipeline.train.checkpoint import verify_checkpoint
 

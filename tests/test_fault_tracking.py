@@ -129,7 +129,6 @@ def test_stage_trains_through_outage_and_registers_later(ray_local, server, tmp_
     assert version.run_id == res.mlflow_run_id
 
 
-@pytest.mark.slow
 def test_register_job_registers_a_checkpoint_later(tmp_path):
     """`jobs/register.py --checkpoint URI` alone: config, categories, run id and best AP come from the checkpoint."""
     from mlflow.tracking import MlflowClient

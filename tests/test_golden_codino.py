@@ -42,7 +42,6 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("CODETR_GOLDEN_DIR", REPO.parent / "shared" / "golden" / "co_dino_r50"))
 
 pytestmark = [
-    pytest.mark.slow,
     pytest.mark.skipif(not (GOLDEN / "expected.pt").exists(), reason=f"golden fixture not found at {GOLDEN}"),
 ]
 

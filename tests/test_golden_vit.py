@@ -119,7 +119,6 @@ def test_names_shapes_and_parameter_counts_fit_the_fixture() -> None:
     assert all(ours[k].shape == expected[k].shape for k in ours)
 
 
-@pytest.mark.slow
 def test_outputs_match_the_authors_within_1e4(golden: dict[str, Any]) -> None:
     fx, report, diffs = golden["fx"], golden["report"], golden["diffs"]
     leaves = {n.rsplit(".", 1)[-1] for n in report.dropped_rope}
@@ -129,7 +128,6 @@ def test_outputs_match_the_authors_within_1e4(golden: dict[str, Any]) -> None:
     assert not bad, f"outputs differ from the authors' by more than {TOL}: {bad}"
 
 
-@pytest.mark.slow
 def test_another_seed_fails_the_comparison(tmp_path: Path) -> None:
     """Same fixture files, fixture.json with seed + 1: the weights change, so the outputs must not match."""
     for f in GOLDEN.iterdir():
@@ -177,7 +175,6 @@ def _derive_fixture(dst: Path, seed: int, side: int, **settings: Any) -> torch.T
     return levels[-1]
 
 
-@pytest.mark.slow
 def test_passes_on_a_fixture_with_other_settings(tmp_path: Path) -> None:
     """The test is not tied to the one fixture it was written against: a fixture of the same format with the LVIS
     recipe's settings (window 16, global blocks 2, 5, ..., 23, use_lsj with img_size = the input side), another

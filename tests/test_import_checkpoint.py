@@ -276,7 +276,6 @@ def fixture_pth(tmp_path_factory):
 
 
 @needs_golden
-@pytest.mark.slow
 def test_import_job_k2_then_k0(fixture_pth, tmp_path):
     """K = 2: every key mapped, nothing skipped; K = 0: exactly the 44 aux keys skipped. Both outputs load in
     jobs/evaluate.py's loader, and the K = 0 one seeds a K = 2 model through `init.from` (aux heads fresh)."""

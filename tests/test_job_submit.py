@@ -124,7 +124,7 @@ def _final_state(work_dir: str, run_name: str) -> dict:
         return json.load(f)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # its own `ray start` head + job submission: ~110-190 s each; run with -m slow
 def test_ray_job_submit_succeeds(ray_head, tmp_path):
     work_dir = str(tmp_path / "wd")
     proc = subprocess.run(
@@ -141,7 +141,7 @@ def test_ray_job_submit_succeeds(ray_head, tmp_path):
         assert json.load(f)["step"] == 2
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # its own `ray start` head + job submission: ~110-190 s each; run with -m slow
 def test_driver_killed_and_relaunched_resumes(ray_head, tmp_path):
     work_dir, trace = str(tmp_path / "wd"), str(tmp_path / "trace.jsonl")
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs_address, "CODETR_TRACE_IDS": trace}

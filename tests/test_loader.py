@@ -97,7 +97,6 @@ def test_shard_files_errors(tmp_path):
         shard_files(DataConfig(shards=str(tmp_path)), "train")
 
 
-@pytest.mark.slow  # three passes + 18 local samples; the first Ray test also pays worker start-up
 def test_train_rows_match_shard_dataset_and_change_per_epoch(ray_local, shards):
     cfg = config(shards)
     ds = build_dataset(cfg, "train", train=True)
@@ -157,7 +156,6 @@ def test_eval_rows_keep_crowd_and_use_eval_size(ray_local, shards):
                                    rtol=0)
 
 
-@pytest.mark.slow  # starts Ray Data's split-coordinator actor
 def test_streaming_split_covers_every_image_once(ray_local, shards):
     ds = build_dataset(config(shards), "train", train=True)
     seen: list[list[int]] = [[], []]

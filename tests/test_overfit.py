@@ -85,7 +85,6 @@ def ap50(dets: list[dict], targets: list[dict], num_classes: int) -> float:
     return sum(aps) / len(aps)
 
 
-@pytest.mark.slow
 def test_tiny_model_overfits_two_images():
     from pipeline.models import build_model
 

@@ -101,7 +101,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations(registered, tmp_path):
     port = _free_port()
     bin_dir = os.path.dirname(sys.executable)  # `mlflow models serve` execs uvicorn from PATH

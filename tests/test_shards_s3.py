@@ -27,7 +27,6 @@ def _job_main(name: str):
     return module.main
 
 
-@pytest.mark.slow  # ~20-30 s on the shared 2-core box: Ray Data's read_parquet alone takes 10-20 s there
 def test_generate_build_stream_s3(s3_bucket, ray_local, capsys):
     make_synthetic = _job_main("make_synthetic")
 

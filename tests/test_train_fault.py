@@ -36,7 +36,7 @@ def read_trace(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a worker killed and restarted; node loss and the fault_* tests cover resume in CI
 def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, tmp_path, monkeypatch):
     from pipeline.train.checkpoint import load_optional
     from pipeline.train.driver import run_stage

@@ -47,7 +47,7 @@ def s3_stage(ray_local, s3_endpoint, mlflow_server, tmp_path_factory):
     return {"result": result, "job": job, "bucket": bucket, "work": work, "tracking_uri": mlflow_server}
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # one s3 stage shared by 3 tests (~100 s); the fault_object_store tests cover s3 in CI
 def test_shards_and_checkpoints_on_s3(s3_stage):
     from pipeline.train.checkpoint import load_model_state, load_optional
 
@@ -64,7 +64,7 @@ def test_shards_and_checkpoints_on_s3(s3_stage):
     assert res.metrics["step"] == 2 and "val/AP" in res.metrics
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # one s3 stage shared by 3 tests (~100 s); the fault_object_store tests cover s3 in CI
 def test_mlflow_run_params_metrics_and_artifacts(s3_stage):
     from mlflow.tracking import MlflowClient
 
@@ -103,7 +103,7 @@ def test_mlflow_run_params_metrics_and_artifacts(s3_stage):
     assert os.path.getsize(history) > 0
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # one s3 stage shared by 3 tests (~100 s); the fault_object_store tests cover s3 in CI
 def test_registry_champion_alias_and_loaded_model_predicts_the_same(s3_stage):
     from mlflow.store.artifact.utils.models import get_model_name_and_version
     from mlflow.tracking import MlflowClient

@@ -266,7 +266,7 @@ def _live_placement_groups() -> set[str]:
     return {k for k, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the local search (2 trials, ASHA, ~150 s); the Tune recipes run in CI (test_recipes)
 def test_search_runs_and_asha_stops_the_weaker_trial(search_run):
     cfg, res, _, _ = search_run
     assert len(res.rows) == 2
@@ -280,7 +280,7 @@ def test_search_runs_and_asha_stops_the_weaker_trial(search_run):
     assert "| trial" in res.table and "stopped early" in res.table
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the local search (2 trials, ASHA, ~150 s); the Tune recipes run in CI (test_recipes)
 def test_mlflow_parent_and_child_runs(search_run, mlflow_server):
     from mlflow.tracking import MlflowClient
 
@@ -344,7 +344,7 @@ def _alive_train_actors() -> list[str]:
         return [a["ActorClassName"] for a in table if a["State"] == "ALIVE" and a["ActorClassName"] in names]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the local search (2 trials, ASHA, ~150 s); the Tune recipes run in CI (test_recipes)
 def test_stopped_trial_leaves_no_train_workers(search_run):
     import ray
 
@@ -364,7 +364,7 @@ def test_stopped_trial_leaves_no_train_workers(search_run):
     assert free >= before["free_cpu"], f"{free} CPUs free after the search, {before['free_cpu']} before"
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the local search (2 trials, ASHA, ~150 s); the Tune recipes run in CI (test_recipes)
 def test_rerun_with_same_name_resumes_instead_of_starting_over(search_run, mlflow_server):
     from mlflow.tracking import MlflowClient
 

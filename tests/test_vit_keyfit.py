@@ -113,7 +113,6 @@ def _to_authors(name: str) -> str:
 
 
 @needs_fixtures
-@pytest.mark.slow
 def test_import_job_small_vit_lvis_keeps_fed_loss_coco_drops_it(tmp_path: Path) -> None:
     """jobs/import_checkpoint.py on an authors'-named file: a small ViT + SFP (our random weights renamed to the
     authors' names, rotary tables added) + the Co-DINO golden detector weights + FedLoss buffers."""
