@@ -123,7 +123,6 @@ class Cluster:
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.slow  # a 3-node Ray cluster on loopback and an elastic restart: ~265 s quiet; run with -m slow
 def test_worker_node_lost_mid_epoch_elastic_resume(tmp_path):
     cluster = Cluster(str(tmp_path))
     trace = tmp_path / "trace.jsonl"
