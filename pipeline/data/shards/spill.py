@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 from array import array
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -67,7 +66,7 @@ class ColumnSpill:
         self.nex.append(nex)
         self._maybe_flush()
 
-    def add_box(self, seq: int, image_id: int, category_id: int | None, bbox: Sequence[float] | None,
+    def add_box(self, seq: int, image_id: int, category_id: int | None, bbox: tuple[float, ...] | None,
                 iscrowd: int) -> None:
         self.seq.append(seq)
         self.image_id.append(image_id)
