@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from pipeline.models.layers.deform_attn import level_hw
+
 
 class MultiScaleAdapter(nn.Module):
     """forward(memory (B, S, C), spatial_shapes (L, 2) long (h, w) or a sequence of (h, w)) -> list of L + 1 maps
@@ -30,10 +32,7 @@ class MultiScaleAdapter(nn.Module):
 
     def split(self, memory: Tensor, spatial_shapes: Tensor | Sequence[tuple[int, int]]) -> list[Tensor]:
         """(B, S, C) -> per level (B, C, h, w)."""
-        shapes = [
-            (int(h), int(w))
-            for h, w in (spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor) else spatial_shapes)
-        ]
+        shapes = level_hw(spatial_shapes)  # Python ints: read back only when given a tensor
         total = sum(h * w for h, w in shapes)
         if memory.dim() != 3 or memory.shape[1] != total:
             raise ValueError(f"memory must be (B, {total}, C) for spatial_shapes {shapes}, got {tuple(memory.shape)}")
