@@ -55,6 +55,43 @@ def test_resume_falls_back_past_corrupt_checkpoints(tmp_path):
         pass
 
 
+def test_resume_takes_a_newer_checkpoint_ray_never_registered(tmp_path):
+    """A node lost between a checkpoint's upload and Ray's poll of its report: the directory is complete in the
+    run's storage but `ray.train.get_checkpoint()` returns the one before (or None). Resume takes the newest that
+    verifies; a half-uploaded newest (no manifest yet) is skipped; a run with only leftovers starts anew."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    fs, run = pafs.LocalFileSystem(), tmp_path / "run"
+    dirs = [_write(str(run / f"checkpoint_2026-01-01_00-00-0{i}.000000"), i) for i in (1, 2, 3)]
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's file beside them: not a candidate
+    lines: list[str] = []
+    with ckpt_io.resumable_directory(Checkpoint(dirs[1], filesystem=fs), log=lines.append) as d:
+        assert torch.load(os.path.join(d, ckpt_io.MODEL))["w"][0] == 3.0
+    assert len(lines) == 1 and "00-00-03.000000, a complete checkpoint Ray had not registered" in lines[0]
+    assert "Ray's latest: checkpoint_2026-01-01_00-00-02.000000" in lines[0]
+    lines.clear()
+    with ckpt_io.resumable_directory(None, log=lines.append, run_dir=(fs, str(run))) as d:  # Ray registered none
+        assert torch.load(os.path.join(d, ckpt_io.MODEL))["w"][0] == 3.0
+    assert "Ray's latest: none" in lines[0]
+
+    os.remove(os.path.join(dirs[2], ckpt_io.MANIFEST))  # the newest was still uploading when its node died
+    lines.clear()
+    with ckpt_io.resumable_directory(Checkpoint(dirs[1], filesystem=fs), log=lines.append) as d:
+        assert torch.load(os.path.join(d, ckpt_io.MODEL))["w"][0] == 2.0  # Ray's own, no "not registered" line
+    assert len(lines) == 1 and "WARNING resuming from the older checkpoint checkpoint_2026-01-01_00-00-02" in lines[0]
+
+    for p in dirs[:2]:
+        os.remove(os.path.join(p, ckpt_io.MANIFEST))
+    lines.clear()
+    with ckpt_io.resumable_directory(None, log=lines.append, run_dir=(fs, str(run))) as d:
+        assert d is None
+    assert len(lines) == 1 and lines[0].startswith("[train] WARNING starting anew") and "00-00-01" in lines[0]
+    with ckpt_io.resumable_directory(None, log=lines.append, run_dir=(fs, str(tmp_path / "new-run"))) as d:
+        assert d is None  # a new run: nothing there, nothing said
+    assert len(lines) == 1
+
+
 def test_stage_resumes_from_last_good_checkpoint(ray_local, tmp_path, monkeypatch):
     from pipeline.train.driver import run_stage
 

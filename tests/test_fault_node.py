@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 
-import pytest
 from fault_helpers import REPO, check_exactly_once, cost_line, read_trace, train_image_ids
 from tiny_stage import TINY_STAGE
 
@@ -162,6 +161,8 @@ def test_worker_node_lost_mid_epoch_elastic_resume(tmp_path):
     assert len(runs) == 2, f"expected one restart, got attempts {[[x['step'] for x in r] for r in runs]}"
     assert [x["step"] for x in runs[0]][:3] == [1, 2, 3]
     resume_step = runs[1][0]["step"] - 1
+    # the last checkpoint before the kill, registered by Ray or not: CI once saw a restart from step 0 when the
+    # node died before Ray's controller had polled the step-2 report (fixed: resume scans the run directory)
     assert resume_step == 2 or (resume_step == 4 and runs[0][-1]["step"] >= 4)  # the last checkpoint before the kill
     assert [x["step"] for x in runs[1]] == list(range(resume_step + 1, 9))
     assert all(len(x["ids"]) == 2 for x in lines)  # total batch kept: 2 workers x 1 before, 1 worker x 2 after

@@ -75,3 +75,31 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, tmp_pat
     before_ckpt = {i for line in first if line["step"] <= 2 for i in line["ids"]}
     resumed_epoch0 = {i for line in second if line["epoch"] == 0 for i in line["ids"]}
     assert not before_ckpt & resumed_epoch0, "images before the checkpoint were trained again"
+
+
+def test_worker_killed_before_ray_took_its_checkpoint_resumes_from_it(ray_local, tmp_path, monkeypatch):
+    """The race of a lost node: rank 0 reports its step-2 checkpoint (synchronous upload: complete in storage when
+    `report` returns) and dies at once, before Ray's controller polls the report (every 2 s), so Ray restarts the
+    worker with the checkpoint before (here none). Resume must still start at step 3: nothing trained twice."""
+    from pipeline.train.driver import run_stage
+
+    trace, marker = tmp_path / "trace.jsonl", tmp_path / "fault.marker"
+    monkeypatch.setenv("CODETR_FAULT_AT_STEP", "2")
+    monkeypatch.setenv("CODETR_FAULT_UNREPORTED", "1")
+    monkeypatch.setenv("CODETR_FAULT_MARKER", str(marker))
+    monkeypatch.setenv("CODETR_TRACE_IDS", str(trace))
+    job = tiny_job(str(tmp_path), "name=fault-unreported", "train.max_steps=4", "train.checkpoint_every_steps=2",
+                   "train.checkpoint_upload=sync", "scaling.max_failures=1", "tracking.enabled=false")
+
+    res = run_stage(job)
+
+    assert marker.exists(), "the fault knob never fired"
+    assert res.metrics["step"] == 4
+    lines = read_trace(str(trace))
+    pids = list(dict.fromkeys(line["pid"] for line in lines))
+    assert len(pids) == 2, f"expected one restart, got attempts {pids}"
+    assert [x["step"] for x in lines if x["pid"] == pids[0]] == [1, 2]
+    assert [x["step"] for x in lines if x["pid"] == pids[1]] == [3, 4]  # from the checkpoint Ray never registered
+    first = {i for x in lines if x["pid"] == pids[0] for i in x["ids"]}
+    second = {i for x in lines if x["pid"] == pids[1] for i in x["ids"]}
+    assert not first & second and sorted(first | second) == train_image_ids(str(tmp_path))  # 8 images, once each

@@ -11,12 +11,14 @@ into the run's storage (local dir or s3://) only once it is complete:
     categories.json     label -> category (id, name): lets a later stage remap the class head by name
     manifest.json       written last: {file name: {"size", "sha256"}} of every file above
 
-Resume (`resumable_directory`) verifies a checkpoint before using it: the manifest is there, every file it lists
-is present with its size and SHA-256, and model.pt loads. If the newest checkpoint fails, it falls back to the
-previous one (Ray keeps `train.keep_checkpoints` >= 2) with a warning naming what was wrong. Ray Train commits a
-checkpoint only after its upload returned (a failed upload raises in `ray.train.report` and is never registered),
-so a half-written directory can only be a checkpoint Ray never offered; the manifest catches what the store
-corrupted afterwards (a truncated object, a deleted file).
+Resume (`resumable_directory`) takes the newest checkpoint directory of the run that verifies: the manifest is
+there, every file it lists is present with its size and SHA-256, and model.pt loads. Candidates are every
+`checkpoint_*` directory of the run, newest first: Ray's latest registered one, older ones (Ray keeps
+`train.keep_checkpoints` >= 2) when it is corrupt, and newer ones whose worker was lost after the upload but
+before Ray's controller took its report. Each one skipped is logged with what was wrong. A failed upload raises in
+`ray.train.report` and is never registered, so a half-written directory is one Ray never offered or one its
+worker died uploading; the manifest catches those and what the store corrupted afterwards (a truncated object, a
+deleted file).
 """
 
 from __future__ import annotations
@@ -117,29 +119,56 @@ def verify_checkpoint(directory: str) -> str:
     return ""
 
 
-@contextlib.contextmanager
-def resumable_directory(checkpoint: Any, log: Callable[[str], None] = print) -> Iterator[str]:
-    """A local copy of the newest checkpoint that verifies, starting at `checkpoint` (Ray's latest, a
-    `ray.train.Checkpoint`) and going back through the older `checkpoint_*` directories beside it. Each one
-    skipped is logged with its reason; deleted on exit. Raises RuntimeError if none verifies.
-
-    Uses only `Checkpoint.path`, `.filesystem` (a pyarrow filesystem) and `.to_directory()`: public Ray API."""
+def run_checkpoint_names(fs: Any, run_dir: str) -> list[str]:
+    """Names of the `checkpoint_*` directories in the run directory `run_dir` of the pyarrow filesystem `fs`,
+    newest first. Ray Train names them `checkpoint_<UTC timestamp>` (`%Y-%m-%d_%H-%M-%S.%f`), so name order is
+    time order; Ray's `checkpoint_manager_snapshot.json` beside them is a file and is left out."""
     import pyarrow.fs as pafs
 
-    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    parent, newest = path.rsplit("/", 1) if "/" in path else ("", path)
-    older = sorted((i.base_name for i in fs.get_file_info(pafs.FileSelector(parent or ".", allow_not_found=True))
-                    if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
-                    and i.base_name < newest), reverse=True)
+    infos = fs.get_file_info(pafs.FileSelector(run_dir or ".", allow_not_found=True))
+    return sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_")), reverse=True)
+
+
+@contextlib.contextmanager
+def resumable_directory(checkpoint: Any | None, log: Callable[[str], None] = print,
+                        run_dir: tuple[Any, str] | None = None) -> Iterator[str | None]:
+    """A local copy of the newest checkpoint of the run that verifies, or None when the run has none.
+
+    `checkpoint` is Ray's latest registered checkpoint (`ray.train.get_checkpoint()`, a `ray.train.Checkpoint`)
+    or None; `run_dir` is (pyarrow filesystem, path) of the run directory, by default the one holding
+    `checkpoint`. Every `checkpoint_*` directory there is a candidate, newest first, not only those up to Ray's
+    latest: a worker uploads its checkpoint and only then queues the report that Ray's controller polls (every
+    2 s), so a node lost in between leaves a complete checkpoint that Ray never registered; resuming from it
+    trains nothing twice. Completeness is the manifest's to judge (a half-uploaded directory fails it). Each one
+    skipped is logged with its reason; the copy is deleted on exit. Raises RuntimeError when Ray had registered a
+    checkpoint and none verifies; when Ray had none, unverifiable leftovers are logged and the run starts anew.
+
+    Uses only `Checkpoint.path`, `.filesystem` (a pyarrow filesystem) and `.to_directory()`: public Ray API."""
+    from ray.train import Checkpoint
+
+    if run_dir is None:
+        if checkpoint is None:
+            raise ValueError("resumable_directory needs Ray's checkpoint or the run directory")
+        path = checkpoint.path.rstrip("/")
+        run_dir = (checkpoint.filesystem, path.rsplit("/", 1)[0] if "/" in path else "")
+    fs, parent = run_dir
+    registered = checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if checkpoint is not None else None
+    names = run_checkpoint_names(fs, parent)
+    if registered is not None and registered not in names:
+        names = sorted([*names, registered], reverse=True)
     problems: list[str] = []
-    for name in [newest, *older]:
+    for name in names:
         local = tempfile.mkdtemp(prefix="codetr-resume-")
         try:
-            type(checkpoint)(path=f"{parent}/{name}" if parent else name, filesystem=fs).to_directory(local)
+            Checkpoint(path=f"{parent}/{name}" if parent else name, filesystem=fs).to_directory(local)
             why = verify_checkpoint(local)
         except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is one more fallback
             why = f"download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if not why:
+            if registered is None or name > registered:
+                log(f"[train] resuming from {name}, a complete checkpoint Ray had not registered "
+                    f"(Ray's latest: {registered or 'none'}; its worker was lost between upload and report)")
             if problems:
                 log(f"[train] WARNING resuming from the older checkpoint {name}: " + "; ".join(problems))
             try:
@@ -149,7 +178,11 @@ def resumable_directory(checkpoint: Any, log: Callable[[str], None] = print) -> 
             return
         shutil.rmtree(local, ignore_errors=True)
         problems.append(f"{name}: {why}")
-    raise RuntimeError("no checkpoint of this run verifies: " + "; ".join(problems))
+    if registered is not None:
+        raise RuntimeError("no checkpoint of this run verifies: " + "; ".join(problems))
+    if problems:
+        log("[train] WARNING starting anew: no checkpoint of this run verifies: " + "; ".join(problems))
+    yield None
 
 
 def _load_torch(uri: str) -> Any:

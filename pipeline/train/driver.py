@@ -214,6 +214,7 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
         "job": to_dict(job), "categories": categories, "init_from": job.init.from_, "has_val": has_val,
         "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
         "debug_env": {k: v for k, v in os.environ.items() if k in DEBUG_ENV},  # test knobs, see loop.py
+        "run_dir": _run_dir_uri(storage_path, job.run_name),  # where resume looks for unregistered checkpoints
     }
     fs, path = (None, storage_path)
     if "://" in storage_path and not storage.is_local(storage_path):
@@ -354,6 +355,13 @@ def resume_epoch(storage_path: str, run_name: str) -> int:
     except (FileNotFoundError, ValueError):
         return 0
     return int((latest.get("metrics") or {}).get("epoch", 0))
+
+
+def _run_dir_uri(storage_path: str, run_name: str) -> str:
+    """The URI of Ray Train's run directory (`RunConfig(storage_path, name)`), absolute as the driver sees it: a
+    relative local path would resolve against each worker's own working directory."""
+    protocol, path = storage.split_uri(storage.join(storage_path, run_name))
+    return path if protocol == "file" else f"{protocol}://{path}"
 
 
 def _checkpoint_uri(path: str, storage_path: str) -> str:

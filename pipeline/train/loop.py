@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from pipeline import dist as pcoll
+from pipeline import storage
 from pipeline.train import artifacts as eval_artifacts
 from pipeline.train import checkpoint as ckpt_io
 from pipeline.train.ema import build_ema, ema_checkpoint, restore_ema
@@ -82,7 +83,7 @@ def _next_unseen(batches: Any, seen: set[int]) -> Any | None:
 
 
 DEBUG_ENV = ("CODETR_FAULT_AT_STEP", "CODETR_FAULT_MARKER", "CODETR_TRACE_IDS", "CODETR_RECORD_COLLECTIVES",
-             "CODETR_NONFINITE_AT", "CODETR_TRACE_INIT")
+             "CODETR_NONFINITE_AT", "CODETR_TRACE_INIT", "CODETR_FAULT_UNREPORTED")
 
 
 def _knob(config: dict[str, Any], name: str) -> str:
@@ -108,7 +109,9 @@ def _trace_init(config: dict[str, Any], rank: int) -> None:
 
 
 def _maybe_fault(config: dict[str, Any], step: int, rank: int, run_name: str) -> None:
-    """CODETR_FAULT_AT_STEP: kill this worker (rank 0) once, right after optimizer step N (see module doc)."""
+    """CODETR_FAULT_AT_STEP: kill this worker (rank 0) once, right after optimizer step N (see module doc), once
+    Ray's controller has taken its reports; with CODETR_FAULT_UNREPORTED=1 at once, so a checkpoint reported at
+    step N is in storage but (within Ray's 2-s poll) not registered, as when a node is lost."""
     at = _knob(config, "CODETR_FAULT_AT_STEP")
     if rank != 0 or not at or int(at) != step:
         return
@@ -119,7 +122,8 @@ def _maybe_fault(config: dict[str, Any], step: int, rank: int, run_name: str) ->
     except FileExistsError:
         return
     os.close(fd)
-    _wait_reports_collected()
+    if not _knob(config, "CODETR_FAULT_UNREPORTED"):
+        _wait_reports_collected()
     print(f"[train] CODETR_FAULT_AT_STEP={step}: killing rank 0 (pid {os.getpid()})", flush=True)
     os._exit(1)
 
@@ -169,10 +173,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, tcfg)
     ema = build_ema(model, tcfg.ema_decay) if tcfg.ema else None
 
-    resume = ray.train.get_checkpoint()  # Ray: this stage's own latest checkpoint (worker or driver restart)
-    if resume is not None:
-        # verified (manifest sizes + checksums, loads); falls back to the previous checkpoint with a warning
-        with ckpt_io.resumable_directory(resume, log=print if rank == 0 else lambda _: None) as d:
+    # Ray: this stage's latest registered checkpoint (worker or driver restart); the run directory may hold a newer
+    # complete one that Ray never registered (its worker's node was lost between upload and report)
+    registered = ray.train.get_checkpoint()
+    resume_log = print if rank == 0 else lambda _: None
+    run_dir = storage.get_pyarrow_fs(config["run_dir"])
+    with ckpt_io.resumable_directory(registered, log=resume_log, run_dir=run_dir) as d:
+        resumed = d is not None
+        if resumed:
+            # verified (manifest sizes + checksums, loads); falls back to the previous checkpoint with a warning
             model.load_state_dict(ckpt_io.load_model_state(d))
             opt_state = ckpt_io.load_optional(d, ckpt_io.OPTIMIZER)
             if opt_state is not None:
@@ -181,10 +190,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if ema is not None and os.path.exists(os.path.join(d, ckpt_io.EMA)):
                 restore_ema(ema, torch.load(os.path.join(d, ckpt_io.EMA), map_location="cpu"),
                             state.get("ema_n_averaged", 1))  # older checkpoints: at least "averaged once"
-        if rank == 0:
-            print(f"[train] resumed from checkpoint at epoch {state['epoch']} step {state['step']} "
-                  f"({len(state['seen_ids'])} images of that epoch already seen)")
-    elif config.get("init_from") and rank == 0:
+            resume_log(f"[train] resumed from checkpoint at epoch {state['epoch']} step {state['step']} "
+                       f"({len(state['seen_ids'])} images of that epoch already seen)")
+    # every rank walked the run directory itself: a rank that took another checkpoint would desynchronise the steps
+    resumed_steps = pcoll.all_gather_objects(state["step"] if resumed else -1)
+    if len(set(resumed_steps)) > 1:
+        raise RuntimeError(f"ranks resumed at different steps {resumed_steps}; expected one checkpoint for all")
+    if not resumed and config.get("init_from") and rank == 0:
         # Init once: only rank 0 reads the init checkpoint (a 1.4 GB download and unpickling for ViT-L); DDP
         # broadcasts rank 0's parameters and buffers to the other ranks when `prepare_model` wraps the model.
         report = init_weights(model, config["init_from"], config["categories"], tracking_uri=config.get("tracking_uri"))
@@ -194,7 +206,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.to(device)
     optimizer_to(optimizer, device)
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})  # Ray:
-    if ema is not None and resume is None:  # built after DDP's broadcast: every rank averages rank 0's init
+    if ema is not None and not resumed:  # built after DDP's broadcast: every rank averages rank 0's init
         ema = build_ema(model, tcfg.ema_decay)
     if ema is not None:
         ema.to(device)
