@@ -3,13 +3,14 @@ MLflow next to the registered model (the artefacts of the run that logged the ve
 
     ray job submit --working-dir . -- python jobs/export.py --model models:/codetr-coco@champion --format onnx
 
-    python jobs/export.py --model models:/codetr-coco@champion --format onnx --nms none --canvas 400x400 \
+    python jobs/export.py --model models:/codetr-coco@champion --format onnx [--nms none|hard] [--size 400x400] \
         [--images <folder or list for the parity check>] [--out model.onnx]
 
-The graph: normalised images on a fixed canvas (dynamic batch) + their sizes -> raw top-k boxes / scores /
-labels (see pipeline/export/onnx.py and the README for what it leaves to the caller). --canvas defaults to the
-longest eval side squared (detr policy) or the LSJ canvas. Prints the parity figures and the export time, then
-one JSON line.
+The graph: normalised, zero-padded images (dynamic batch and size, sides >= 65) + their sizes -> the raw top-k
+boxes / scores / labels (--nms none, for soft-NMS in user code), or those through class-aware hard NMS
+(--nms hard: batch_index / boxes / scores / labels); see pipeline/export/onnx.py and the README for what it
+leaves to the caller. --size is only the traced example (default: the model's eval size, the LSJ canvas for an
+LSJ model). Prints the parity figures and the export time, then one JSON line.
 """
 
 import json
@@ -25,39 +26,37 @@ def main() -> None:
     p = job_parser(__doc__, default_config("configs/local/finetune_coco.yaml"))
     p.add_argument("--model", required=True, help="models:/..., runs:/... or a checkpoint URI")
     p.add_argument("--format", default="onnx", help="export format (onnx)")
-    p.add_argument("--nms", default="none", help="none: raw top-k for NMS / soft-NMS in user code")
-    p.add_argument("--canvas", default="", help="HxW input canvas (default from the model's preprocessing)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--nms", default="none", choices=["none", "hard"],
+                   help="none: raw top-k for NMS / soft-NMS in user code; hard: class-aware hard NMS in the graph")
+    p.add_argument("--size", default="", help="HxW traced example size (default from the model's preprocessing)")
+    p.add_argument("--opset", type=int, default=18)
     p.add_argument("--images", default="", help="images for the parity check (default: 3 generated ones)")
     p.add_argument("--out", default="", help="local .onnx path (default: a temp dir; logged to MLflow)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the export to MLflow")
     args = p.parse_args()
     if args.format != "onnx":
         fail(f"--format {args.format!r}: only 'onnx' is supported")
-    if args.nms != "none":
-        fail(f"--nms {args.nms!r}: only 'none' (raw top-k, NMS in the caller) is exported; hard NMS inside the "
-             f"graph is not implemented")
-
     def run() -> None:
-        from pipeline.export.onnx import canvas_batch, check_parity, export_onnx
+        from pipeline.export.onnx import check_parity, export_onnx, padded_batch
         from pipeline.inference import load_for_inference
         from pipeline.train.driver import tracking_uri_of
 
         job = load_job_config(args.config, args.overrides)
         tracking_uri = tracking_uri_of(job)
         loaded = load_for_inference(args.model, tracking_uri, job)
-        canvas = parse_canvas(args.canvas) if args.canvas else default_canvas(loaded.preprocess)
+        size = parse_size(args.size) if args.size else default_size(loaded.preprocess)
         out = args.out or os.path.join(tempfile.mkdtemp(prefix="codetr-onnx-"), "model.onnx")
-        info = export_onnx(loaded.model, out, canvas, opset=args.opset)
-        print(f"[export] {out}: opset {info.opset}, canvas {canvas[0]}x{canvas[1]}, top-k {info.topk}, "
-              f"exported in {info.seconds:.1f} s")
+        info = export_onnx(loaded.model, out, size, opset=args.opset, nms=args.nms)
+        print(f"[export] {out}: opset {info.opset}, dynamic batch and size (traced at {size[0]}x{size[1]}), "
+              f"top-k {info.topk}, NMS {info.nms}, exported in {info.seconds:.1f} s")
         images = [loaded.preprocess.prepare(im, i)[0] for i, im in enumerate(parity_images(args.images))]
-        report = check_parity(loaded.model, out, *canvas_batch(images, canvas))
+        lsj = loaded.preprocess.augment.policy == "lsj"  # no padding mask: the LSJ canvas, as in training
+        report = check_parity(loaded.model, out, *padded_batch(images, size if lsj else None))
         print(f"[export] onnxruntime vs eager on {report['batch']} images: max box diff "
               f"{report['max_box_diff_px']:.2e} px, max score diff {report['max_score_diff']:.2e}, labels equal "
               f"{report['labels_equal']}")
-        summary = {"model": args.model, "onnx": out, "opset": info.opset, "canvas": list(canvas), "topk": info.topk,
-                   "export_s": round(info.seconds, 2), **report}
+        summary = {"model": args.model, "onnx": out, "opset": info.opset, "example_size": list(size),
+                   "nms": info.nms, "topk": info.topk, "export_s": round(info.seconds, 2), **report}
         if args.model.startswith(("models:/", "runs:/")) and not args.no_mlflow:
             where = log_next_to_model(args.model, tracking_uri, out, loaded, summary)
             print(f"[export] logged to MLflow: {where}")
@@ -67,22 +66,21 @@ def main() -> None:
     run_main(run)
 
 
-def parse_canvas(text: str) -> tuple[int, int]:
+def parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        fail(f"--canvas {text!r}: expected HxW, e.g. 800x1333")
+        fail(f"--size {text!r}: expected HxW, e.g. 800x1333")
         raise
     return h, w
 
 
-def default_canvas(pre) -> tuple[int, int]:
+def default_size(pre) -> tuple[int, int]:
     if pre.augment.policy == "lsj":
         return pre.augment.lsj_size, pre.augment.lsj_size
     if pre.augment.policy == "detr":
         return pre.eval_size[1], pre.eval_size[1]
-    fail("augment policy 'none' keeps source sizes: give --canvas HxW")
-    raise AssertionError
+    return 400, 400  # policy 'none' keeps source sizes: any example works, the graph is dynamic
 
 
 def parity_images(uri: str) -> list:

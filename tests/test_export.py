@@ -1,8 +1,10 @@
 """ONNX export of the deployed model: onnxruntime matches the eager model (boxes within 1e-2 px, scores within
-1e-4) at batch sizes other than the traced one; the graph's top-k equals the model's own post-processing."""
+1e-4) at batch sizes and image sizes other than the traced ones, padded or not; the graph's top-k equals the
+model's own post-processing; with --nms hard the graph keeps exactly the eager class-aware hard NMS detections."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -14,46 +16,64 @@ from pipeline.config import load_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    from pipeline.export.onnx import export_onnx
+EXAMPLE = (96, 128)  # the traced size; the parity checks use others
+
+
+def _tiny_deployed():
     from pipeline.inference.model_io import deployed_model
     from pipeline.models import build_model
 
     cfg = load_config(os.path.join(REPO, "configs/model/co_dino_tiny.yaml"), ["model.num_classes=3"]).model
     torch.manual_seed(0)
-    model = deployed_model(build_model(cfg).eval())  # trained with K=2, deployed without the aux heads
+    return deployed_model(build_model(cfg).eval())  # trained with K=2, deployed without the aux heads
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from pipeline.export.onnx import export_onnx
+
+    model = _tiny_deployed()
     path = str(tmp_path_factory.mktemp("onnx") / "model.onnx")
-    info = export_onnx(model, path, canvas=(96, 128))
+    info = export_onnx(model, path, example=EXAMPLE)
     print(f"\n[measured] export {info.seconds:.1f} s, opset {info.opset}, top-k {info.topk}")
     return model, info
 
 
-def test_onnx_matches_eager_at_other_batch_sizes(exported):
+def _images(sizes, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 255, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+
+
+# (image sizes of one batch): the traced size alone; mixed sizes padded to a larger input than traced; a batch of
+# one at a size never seen, wider than tall; the smallest side the graph takes (65)
+BATCHES = ([EXAMPLE], [(96, 120), (70, 128), (50, 64)], [(150, 200), (201, 133)], [(230, 90)], [(65, 65), (65, 70)])
+
+
+def test_onnx_matches_eager_at_other_batch_and_image_sizes(exported):
     import onnx
 
-    from pipeline.export.onnx import canvas_batch, check_parity
+    from pipeline.export.onnx import check_parity, padded_batch
 
     model, info = exported
     graph = onnx.load(info.path)
     assert graph.opset_import[0].version >= 17
     assert [i.name for i in graph.graph.input] == ["images", "img_sizes"]
+    dims = [d.dim_param or d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], dims[2], dims[3])), dims  # B, H, W symbolic
     assert any(n.op_type == "GridSample" for n in graph.graph.node)  # deformable attention's grid_sample path
-    g = torch.Generator().manual_seed(3)
-    for sizes in ([(96, 128)], [(96, 120), (70, 128), (50, 64)]):
-        images = [torch.randint(0, 255, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
-        report = check_parity(model, info.path, *canvas_batch(images, (96, 128)))
-        print(f"[measured] batch {len(sizes)}: {report}")
+    for seed, sizes in enumerate(BATCHES):
+        images, img_sizes = padded_batch(_images(sizes, seed))
+        report = check_parity(model, info.path, images, img_sizes)
+        print(f"[measured] input {tuple(images.shape)}: {report}")
         assert report["max_box_diff_px"] < 1e-2 and report["max_score_diff"] < 1e-4 and report["labels_equal"]
 
 
 def test_topk_graph_equals_model_postprocess_without_nms(exported):
-    from pipeline.export.onnx import TopKDetector, canvas_batch
+    from pipeline.export.onnx import TopKDetector, padded_batch
     from pipeline.models.query_head.postprocess import detr_topk
 
     model, info = exported
-    image = torch.randint(0, 255, (3, 80, 100), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
-    images, sizes = canvas_batch([image], (96, 128))
+    images, sizes = padded_batch(_images([(80, 100)], 4), EXAMPLE)
     with torch.no_grad():
         boxes, scores, labels = TopKDetector(model)(images, sizes)
         out = model.run(images, sizes)
@@ -61,3 +81,22 @@ def test_topk_graph_equals_model_postprocess_without_nms(exported):
     np.testing.assert_allclose(boxes[0].numpy(), want["boxes"].numpy(), atol=1e-4)
     np.testing.assert_allclose(scores[0].numpy(), want["scores"].numpy(), atol=1e-6)
     assert torch.equal(labels[0], want["labels"])
+
+
+def test_hard_nms_inside_the_graph_keeps_the_eager_detections(tmp_path):
+    import onnx
+
+    from pipeline.export.onnx import check_parity, export_onnx, padded_batch
+
+    model = _tiny_deployed()
+    # a low IoU threshold so that NMS removes many of the random model's overlapping top-k boxes
+    model.test_cfg = dataclasses.replace(model.test_cfg, iou_threshold=0.3)
+    info = export_onnx(model, str(tmp_path / "nms.onnx"), example=EXAMPLE, nms="hard")
+    graph = onnx.load(info.path)
+    assert [o.name for o in graph.graph.output] == ["batch_index", "boxes", "scores", "labels"]
+    assert any(n.op_type == "NonMaxSuppression" for n in graph.graph.node)
+    images, img_sizes = padded_batch(_images([(120, 90), (75, 140)], 7))
+    report = check_parity(model, info.path, images, img_sizes)
+    print(f"[measured] hard NMS export {info.seconds:.1f} s; {report}")
+    assert all(0 < k < info.topk for k in report["kept"])  # NMS kept some and removed some in each image
+    assert report["max_box_diff_px"] < 1e-2 and report["max_score_diff"] < 1e-4 and report["labels_equal"]

@@ -1,29 +1,36 @@
 """The deployed Co-DETR model as ONNX, and its parity check against the eager model with onnxruntime.
 
-    path, info = export_onnx(loaded.model, "model.onnx", canvas=(400, 400))
-    report = check_parity(loaded.model, path, images, img_sizes)   # max |diff| of boxes (px) and scores
+    path, info = export_onnx(loaded.model, "model.onnx", example=(400, 400))             # raw top-k
+    path, info = export_onnx(loaded.model, "model.onnx", example=(400, 400), nms="hard")  # hard NMS inside
+    report = check_parity(loaded.model, path, *padded_batch(images))   # max |diff| of boxes (px) and scores
 
-What the ONNX graph contains (opset 17, TorchScript-based `torch.onnx.export`):
+What the ONNX graph contains (opset 18, `torch.onnx.export(dynamo=True)`: torch.export, then onnxscript):
     inputs   images    (B, 3, H, W) float32: RGB, ImageNet-normalised ((x - mean) / std on 0..255 pixels),
-                       the image at the top-left, zero padding right / bottom; H, W = the export canvas
-             img_sizes (B, 2) int64: (h, w) of each image inside the canvas (the padding mask comes from it)
-    outputs  boxes  (B, K, 4) float32 xyxy in canvas pixels, clamped to the image (h, w)
+                       each image at the top-left, zero padding right / bottom to the batch's H, W
+             img_sizes (B, 2) int64: (h, w) of each image inside (H, W) (the padding mask comes from it)
+    outputs, nms="none" (raw top-k, for soft-NMS or anything else in the caller):
+             boxes  (B, K, 4) float32 xyxy in input pixels, clamped to the image (h, w)
              scores (B, K) float32 sigmoid scores, descending;  labels (B, K) int64 contiguous label ids
-    K = min(test.topk, num_queries * num_classes): the raw top-k of the Q x C scores (the model's `detr_topk`).
-Dynamic: the batch size. Fixed: the canvas H, W (a level's size enters the graph as a constant because the
-encoder, the query selection and the attention read level sizes back as Python ints); any image up to the canvas
-size works, placed at the top-left with `img_sizes`. Deformable attention is the per-level `grid_sample` path
-(plain ONNX ops), chosen with `deform_attn_impl("reference")`.
-Left to the caller: decode + resize (the eval transform: `PreprocessConfig.prepare`), normalise, pad into the
-canvas, NMS (the model's default is class-aware soft-NMS, `pipeline.models.query_head.postprocess.apply_nms`;
-hard NMS with torchvision or onnxruntime-extensions also works), max detections per image, dividing boxes by the
-resize scale factor back to source pixels, and label -> category (categories.json next to the model).
+             K = min(test.topk, num_queries * num_classes): the raw top-k of the Q x C scores (`detr_topk`)
+    outputs, nms="hard" (the top-k above through class-aware hard NMS per image, ONNX NonMaxSuppression):
+             batch_index (N,) int64, boxes (N, 4), scores (N,), labels (N,): the kept detections of every image,
+             in descending score order over the batch (select an image's rows by batch_index); IoU threshold
+             `model.test.iou_threshold` (0.8), no score threshold, no per-image cap (`test.max_per_img`)
+Dynamic: the batch size and the image size H, W (>= 65 each, so that the coarsest level keeps more than one row
+and column; no upper bound), so no fixed canvas. Deformable attention is the per-level `grid_sample` path (plain
+ONNX ops), chosen with `deform_attn_impl("reference")`.
+Left to the caller: decode + resize (the eval transform: `PreprocessConfig.prepare`; an LSJ model, which has no
+padding mask, expects the LSJ canvas as H, W, as in training), normalise, pad, the model's default class-aware
+soft-NMS (`pipeline.models.query_head.postprocess.apply_nms`) when exporting raw top-k, max detections per image,
+dividing boxes by the resize scale factor back to source pixels, and label -> category (categories.json next to
+the model).
 """
 
 from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +40,7 @@ from torch import Tensor, nn
 
 from pipeline.models.box_ops import box_cxcywh_to_xyxy
 
-OPSET = 17
+OPSET = 18  # the dynamo exporter's lowest opset
 
 
 class TopKDetector(nn.Module):
@@ -51,7 +58,8 @@ class TopKDetector(nn.Module):
         b = images.shape[0]
         run_sizes = img_sizes
         if not self.model.with_padding_mask:  # LSJ: boxes normalised by the canvas (as CoDETR.predict)
-            run_sizes = torch.ones_like(img_sizes) * torch.tensor(list(images.shape[-2:]), dtype=img_sizes.dtype)
+            one = torch.ones_like(img_sizes[:, :1])  # (B, 1): H, W stay symbolic under torch.export
+            run_sizes = torch.cat([one * images.shape[-2], one * images.shape[-1]], 1)
         out = self.model.run(images, run_sizes)
         logits, boxes = out.logits[-1], out.boxes[-1]  # (B, Q, C), (B, Q, 4) cxcywh normalised by run_sizes
         num_classes = logits.shape[-1]
@@ -65,74 +73,141 @@ class TopKDetector(nn.Module):
         return xyxy, scores, labels
 
 
+class HardNMSDetector(nn.Module):
+    """The raw top-k of `TopKDetector` through class-aware hard NMS per image, in one `torchvision.ops.nms` call
+    (exported as ONNX NonMaxSuppression): boxes are offset by (image index x classes + label) x (max coordinate
+    + 1), so boxes of different images or labels never overlap, the same trick as `torchvision.ops.batched_nms`."""
+
+    def __init__(self, model: nn.Module, topk: int | None = None, iou_threshold: float | None = None) -> None:
+        super().__init__()
+        self.topk_detector = TopKDetector(model, topk)
+        self.num_classes = int(model.num_classes)
+        self.iou_threshold = float(model.test_cfg.iou_threshold if iou_threshold is None else iou_threshold)
+
+    def forward(self, images: Tensor, img_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """-> batch_index (N,) int64, boxes (N, 4) xyxy pixels, scores (N,), labels (N,) int64, by score."""
+        from torchvision.ops import nms
+
+        boxes, scores, labels = self.topk_detector(images, img_sizes)  # (B, K, 4), (B, K), (B, K)
+        batch_index = torch.arange(boxes.shape[0], device=boxes.device).unsqueeze(1).expand_as(labels)
+        group = (batch_index * self.num_classes + labels).to(boxes.dtype)
+        shifted = boxes + (group * (boxes.max() + 1)).unsqueeze(-1)
+        keep = nms(shifted.reshape(-1, 4), scores.reshape(-1), self.iou_threshold)
+        return (batch_index.reshape(-1)[keep], boxes.reshape(-1, 4)[keep], scores.reshape(-1)[keep],
+                labels.reshape(-1)[keep])
+
+
+NMS_MODES = {"none": TopKDetector, "hard": HardNMSDetector}
+OUTPUTS = {"none": ["boxes", "scores", "labels"], "hard": ["batch_index", "boxes", "scores", "labels"]}
+MIN_SIDE = 65  # the smallest H, W the graph takes: the stride-64 level keeps >= 2 rows and columns
+
+
 @dataclass
 class ExportInfo:
     path: str
     opset: int
-    canvas: tuple[int, int]
+    example: tuple[int, int]
     topk: int
+    nms: str
     seconds: float
 
 
-def export_onnx(model: nn.Module, path: str, canvas: tuple[int, int], topk: int | None = None,
-                opset: int = OPSET) -> ExportInfo:
-    """Write the deployed `model` (eval mode, CPU) as ONNX to the local `path`. The model is not changed (the
-    exporter runs on a copy: tracing may touch module state)."""
+def export_onnx(model: nn.Module, path: str, example: tuple[int, int] = (128, 128), topk: int | None = None,
+                opset: int = OPSET, nms: str = "none") -> ExportInfo:
+    """Write the deployed `model` (eval mode, CPU) as ONNX to the local `path`, dynamic in batch and image size
+    (`example` is only the traced size). The model is not changed (the exporter runs on a copy)."""
     from pipeline.models.layers.deform_attn import deform_attn_impl
 
-    if opset < 17:
-        raise ValueError(f"opset must be >= 17, got {opset}")
-    h, w = (int(v) for v in canvas)
-    wrapper = TopKDetector(copy.deepcopy(model).cpu().eval(), topk).eval()
+    if opset < OPSET:
+        raise ValueError(f"opset must be >= {OPSET} (the dynamo exporter's lowest), got {opset}")
+    if nms not in NMS_MODES:
+        raise ValueError(f"nms must be one of {sorted(NMS_MODES)}, got {nms!r}")
+    h, w = (int(v) for v in example)
+    if min(h, w) < MIN_SIDE:
+        raise ValueError(f"example size {h}x{w}: expected both sides >= {MIN_SIDE}")
+    wrapper = NMS_MODES[nms](copy.deepcopy(model).cpu().eval()).eval()
     images = torch.zeros(2, 3, h, w)
     sizes = torch.tensor([[h, w], [max(1, h * 3 // 4), max(1, w * 2 // 3)]], dtype=torch.int64)
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = {"images": {0: batch, 2: torch.export.Dim("height", min=MIN_SIDE),
+                          3: torch.export.Dim("width", min=MIN_SIDE)}, "img_sizes": {0: batch}}
     t0 = time.perf_counter()
-    with deform_attn_impl("reference"), torch.no_grad():
-        torch.onnx.export(
-            wrapper, (images, sizes), path, dynamo=False, opset_version=opset,
-            input_names=["images", "img_sizes"], output_names=["boxes", "scores", "labels"],
-            dynamic_axes={"images": {0: "batch"}, "img_sizes": {0: "batch"}, "boxes": {0: "batch"},
-                          "scores": {0: "batch"}, "labels": {0: "batch"}},
-        )
-    return ExportInfo(path, opset, (h, w), wrapper.topk, time.perf_counter() - t0)
+    with deform_attn_impl("reference"), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
+        torch.onnx.export(wrapper, (images, sizes), path, dynamo=True, opset_version=opset,
+                          input_names=["images", "img_sizes"], output_names=OUTPUTS[nms],
+                          dynamic_shapes=dynamic, verbose=False)
+    topk = wrapper.topk if nms == "none" else wrapper.topk_detector.topk
+    return ExportInfo(path, opset, (h, w), topk, nms, time.perf_counter() - t0)
 
 
-def canvas_batch(images: list[Tensor], canvas: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """(3, h_i, w_i) uint8 network images (after the eval transform) -> (images (B, 3, H, W) normalised with
-    zero padding on the canvas, img_sizes (B, 2) int64): the ONNX model's inputs."""
+def padded_batch(images: list[Tensor], size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """(3, h_i, w_i) uint8 network images (after the eval transform) -> (images (B, 3, H, W) normalised, zero
+    padding right / bottom, img_sizes (B, 2) int64): the ONNX model's inputs. H, W = `size` (an LSJ canvas), by
+    default the batch's largest sides, at least MIN_SIDE."""
     from pipeline.data.collate import normalize_
 
-    h, w = canvas
+    if size is None:
+        size = (max(MIN_SIDE, *(int(im.shape[-2]) for im in images)),
+                max(MIN_SIDE, *(int(im.shape[-1]) for im in images)))
+    h, w = size
     out = torch.zeros(len(images), 3, h, w)
     sizes = []
     for i, im in enumerate(images):
         ih, iw = int(im.shape[-2]), int(im.shape[-1])
         if ih > h or iw > w:
-            raise ValueError(f"image {i}: {ih}x{iw} does not fit the {h}x{w} export canvas")
+            raise ValueError(f"image {i}: {ih}x{iw} does not fit the {h}x{w} input")
         out[i, :, :ih, :iw] = normalize_(im.float().unsqueeze(0))[0]
         sizes.append([ih, iw])
     return out, torch.tensor(sizes, dtype=torch.int64)
 
 
 def check_parity(model: nn.Module, path: str, images: Tensor, img_sizes: Tensor) -> dict[str, Any]:
-    """onnxruntime vs the eager deployed model (its default attention kernel) on the same inputs.
-    Returns max |diff| of boxes (pixels) and scores, and whether labels agree, over every top-k slot."""
+    """onnxruntime vs the eager deployed model (its default attention kernel) on the same inputs. Raw top-k:
+    max |diff| of boxes (pixels) and scores over every slot, labels equal. Hard NMS: the same over the kept
+    detections, which must be the eager `batched_nms` of each image's top-k (same count, image, label)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
     t0 = time.perf_counter()
-    boxes, scores, labels = session.run(None, {"images": images.numpy(), "img_sizes": img_sizes.numpy()})
+    got = session.run(None, {"images": images.numpy(), "img_sizes": img_sizes.numpy()})
     ort_s = time.perf_counter() - t0
     wrapper = TopKDetector(model.eval(), None)
     t0 = time.perf_counter()
     with torch.no_grad():
-        e_boxes, e_scores, e_labels = (t.numpy() for t in wrapper(images, img_sizes))
+        e_boxes, e_scores, e_labels = wrapper(images, img_sizes)
     eager_s = time.perf_counter() - t0
+    timing = {"batch": int(images.shape[0]), "onnxruntime_s": round(ort_s, 3), "eager_s": round(eager_s, 3)}
+    if names == OUTPUTS["hard"]:
+        return {**_hard_nms_parity(model, got, e_boxes, e_scores, e_labels), **timing}
+    boxes, scores, labels = got
+    e_boxes, e_scores, e_labels = e_boxes.numpy(), e_scores.numpy(), e_labels.numpy()
     box_diff, swaps = _tie_aware_box_diff(boxes, scores, labels, e_boxes, e_scores, e_labels)
     return {"max_box_diff_px": box_diff, "max_score_diff": float(np.abs(scores - e_scores).max()),
             "labels_equal": bool((labels == e_labels)[np.abs(boxes - e_boxes).max(-1) <= 1e-3].all()),
-            "tie_swaps": swaps,
-            "batch": int(images.shape[0]), "onnxruntime_s": round(ort_s, 3), "eager_s": round(eager_s, 3)}
+            "tie_swaps": swaps, **timing}
+
+
+def _hard_nms_parity(model: nn.Module, got: list[np.ndarray], e_boxes: Tensor, e_scores: Tensor,
+                     e_labels: Tensor) -> dict[str, Any]:
+    """Compare the graph's kept detections with the eager class-aware hard NMS of each image's top-k."""
+    from pipeline.models.query_head.postprocess import apply_nms
+
+    batch_index, boxes, scores, labels = got
+    box_diff, score_diff, labels_equal, kept = 0.0, 0.0, True, []
+    for b in range(e_boxes.shape[0]):
+        keep, k_scores = apply_nms(e_boxes[b], e_scores[b], e_labels[b], "hard", model.test_cfg.iou_threshold)
+        mine = batch_index == b
+        kept.append(int(mine.sum()))
+        if kept[-1] != len(keep):
+            return {"max_box_diff_px": float("inf"), "max_score_diff": float("inf"), "labels_equal": False,
+                    "kept": kept, "eager_kept": len(keep), "image": b}
+        order = np.argsort(-scores[mine], kind="stable")  # the graph's order is by score over the batch
+        box_diff = max(box_diff, float(np.abs(boxes[mine][order] - e_boxes[b][keep].numpy()).max(initial=0.0)))
+        score_diff = max(score_diff, float(np.abs(scores[mine][order] - k_scores.numpy()).max(initial=0.0)))
+        labels_equal &= bool((labels[mine][order] == e_labels[b][keep].numpy()).all())
+    return {"max_box_diff_px": box_diff, "max_score_diff": score_diff, "labels_equal": labels_equal, "kept": kept}
 
 
 def _tie_aware_box_diff(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, e_boxes: np.ndarray,

@@ -33,6 +33,7 @@ import contextvars
 import functools
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,22 @@ def level_hw(spatial_shapes: Tensor | Sequence[Sequence[int]]) -> SpatialHW:
     """Level sizes (h, w) as Python ints, from an (L, 2) long tensor (read back once: a host sync on CUDA) or
     from (h, w) pairs already on the host (no sync)."""
     pairs = spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor) else spatial_shapes
-    return tuple((int(h), int(w)) for h, w in pairs)
+    return tuple((_size(h), _size(w)) for h, w in pairs)
+
+
+def shapes_tensor(spatial_hw: Sequence[Sequence[Any]], device: torch.device | str) -> Tensor:
+    """(h, w) per level -> the (L, 2) long tensor `spatial_shapes`. Under torch.export with a dynamic image size the
+    sizes are SymInts, which `torch.as_tensor` would bake in as the example's values: they enter as one * size."""
+    if all(isinstance(v, int) for hw in spatial_hw for v in hw):
+        return torch.as_tensor(spatial_hw, dtype=torch.long, device=device)
+    one = torch.ones((), dtype=torch.long, device=device)
+    return torch.stack([torch.stack([one * h, one * w]) for h, w in spatial_hw])
+
+
+def _size(v: Any) -> int:
+    """A level size as an int; a SymInt (torch.export with dynamic image size) stays symbolic: int() of it would
+    specialise the exported graph to the example's size."""
+    return v if isinstance(v, (int, torch.SymInt)) else int(v)
 
 
 def _check_inputs(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,

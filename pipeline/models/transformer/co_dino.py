@@ -20,12 +20,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.layers.deform_attn import MultiScaleDeformableAttention, SpatialHW
+from pipeline.models.layers.deform_attn import MultiScaleDeformableAttention, SpatialHW, shapes_tensor
 from pipeline.models.layers.padding_mask import valid_ratio
 from pipeline.models.layers.position_encoding import SinePositionalEncoding
 from pipeline.models.transformer.decoder import DinoDecoder
 from pipeline.models.transformer.encoder import DeformableEncoder
 from pipeline.models.transformer.query_selection import QuerySelection, encoder_proposals, select_topk
+
+
+def downsample_mask(mask: Tensor, h: int, w: int) -> Tensor:
+    """(B, H, W) bool -> (B, h, w) bool: `F.interpolate(mode="nearest")`, as the authors downsample the padding mask.
+
+    Under torch.export it is the same nearest rule written out (source index floor(i * (float)H / h), float32 as
+    PyTorch's CPU kernel): the ONNX exporter's Resize keeps the example's scale factors, which puts the padding of
+    an image of another size at the wrong rows of the smaller levels."""
+    if not torch.compiler.is_exporting():
+        return F.interpolate(mask[None].float(), size=(h, w)).to(torch.bool)[0]
+    big_h, big_w = mask.shape[-2:]
+    one = torch.ones((), dtype=torch.float32, device=mask.device)
+
+    def rows(n_out: int, n_in: int) -> Tensor:
+        scale = (one * n_in) / (one * n_out)
+        idx = (torch.arange(n_out, dtype=torch.float32, device=mask.device) * scale).floor().long()
+        return idx.clamp(max=n_in - 1)
+
+    return mask.index_select(1, rows(h, big_h)).index_select(2, rows(w, big_w))
 
 
 @dataclass
@@ -102,8 +121,8 @@ class CoDinoTransformer(nn.Module):
         flat, masks, pos_flat, shapes = [], [], [], []
         level_masks = []
         for lvl, feat in enumerate(feats):
-            h, w = (int(s) for s in feat.shape[-2:])
-            m = F.interpolate(mask[None].float(), size=(h, w)).to(torch.bool)[0]  # (B, h, w)
+            h, w = feat.shape[-2:]  # ints (SymInts under torch.export: the ONNX graph keeps any image size)
+            m = downsample_mask(mask, h, w)  # (B, h, w)
             pos = self.positional_encoding(m)  # (B, C, h, w)
             shapes.append((h, w))
             level_masks.append(m)
@@ -113,7 +132,7 @@ class CoDinoTransformer(nn.Module):
         src = torch.cat(flat, 1)
         padding_mask = torch.cat(masks, 1)
         pos = torch.cat(pos_flat, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
+        spatial_shapes = shapes_tensor(shapes, src.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([valid_ratio(m) for m in level_masks], 1)
         spatial_hw = tuple(shapes)

@@ -103,9 +103,11 @@ def encoder_reference_points(spatial_shapes: Tensor | SpatialHW, valid_ratios: T
     device = valid_ratios.device
     points = []
     for lvl, (h, w) in enumerate(level_hw(spatial_shapes)):
+        # arange + 0.5 == the authors' linspace(0.5, h - 0.5, h) bit for bit (step exactly 1); linspace's step
+        # count would specialise an exported graph to the example's size
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+            torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+            torch.arange(w, dtype=torch.float32, device=device) + 0.5,
             indexing="ij",
         )
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
