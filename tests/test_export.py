@@ -100,3 +100,23 @@ def test_hard_nms_inside_the_graph_keeps_the_eager_detections(tmp_path):
     print(f"[measured] hard NMS export {info.seconds:.1f} s; {report}")
     assert all(0 < k < info.topk for k in report["kept"])  # NMS kept some and removed some in each image
     assert report["max_box_diff_px"] < 1e-2 and report["max_score_diff"] < 1e-4 and report["labels_equal"]
+
+
+def test_exported_mask_downsampling_equals_interpolate(monkeypatch):
+    """Under torch.export the padding mask's nearest downsampling is written out (the exporter's Resize keeps the
+    traced scale factors); it must equal F.interpolate's nearest rule at every size and stride."""
+    import torch.nn.functional as F
+
+    from pipeline.models.transformer.co_dino import downsample_mask
+
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    g = torch.Generator().manual_seed(0)
+    for big_h in range(65, 1400, 37):
+        for big_w in range(65, 1400, 53):
+            mask = torch.zeros(1, big_h, big_w, dtype=torch.bool)
+            mask[:, int(torch.randint(1, big_h, (1,), generator=g)):] = True
+            mask[:, :, int(torch.randint(1, big_w, (1,), generator=g)):] = True
+            for stride in (8, 16, 32, 64, 128):
+                h, w = (big_h - 1) // stride + 1, (big_w - 1) // stride + 1
+                want = F.interpolate(mask[None].float(), size=(h, w)).bool()[0]
+                assert torch.equal(downsample_mask(mask, h, w), want), (big_h, big_w, stride)
