@@ -29,6 +29,8 @@ the model).
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -73,22 +75,20 @@ class TopKDetector(nn.Module):
         return xyxy, scores, labels
 
 
-class HardNMSDetector(nn.Module):
-    """The raw top-k of `TopKDetector` through class-aware hard NMS per image, in one `torchvision.ops.nms` call
-    (exported as ONNX NonMaxSuppression): boxes are offset by (image index x classes + label) x (max coordinate
-    + 1), so boxes of different images or labels never overlap, the same trick as `torchvision.ops.batched_nms`."""
+class HardNMS(nn.Module):
+    """Class-aware hard NMS per image over a batch of top-k detections, in one `torchvision.ops.nms` call (exported
+    as ONNX NonMaxSuppression): boxes are offset by (image index x classes + label) x (max coordinate + 1), so
+    boxes of different images or labels never overlap, the same trick as `torchvision.ops.batched_nms`."""
 
-    def __init__(self, model: nn.Module, topk: int | None = None, iou_threshold: float | None = None) -> None:
+    def __init__(self, num_classes: int, iou_threshold: float) -> None:
         super().__init__()
-        self.topk_detector = TopKDetector(model, topk)
-        self.num_classes = int(model.num_classes)
-        self.iou_threshold = float(model.test_cfg.iou_threshold if iou_threshold is None else iou_threshold)
+        self.num_classes, self.iou_threshold = int(num_classes), float(iou_threshold)
 
-    def forward(self, images: Tensor, img_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """-> batch_index (N,) int64, boxes (N, 4) xyxy pixels, scores (N,), labels (N,) int64, by score."""
+    def forward(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """boxes (B, K, 4), scores (B, K), labels (B, K) -> batch_index (N,) int64, boxes (N, 4), scores (N,),
+        labels (N,) int64 of the kept detections, by descending score."""
         from torchvision.ops import nms
 
-        boxes, scores, labels = self.topk_detector(images, img_sizes)  # (B, K, 4), (B, K), (B, K)
         batch_index = torch.arange(boxes.shape[0], device=boxes.device).unsqueeze(1).expand_as(labels)
         group = (batch_index * self.num_classes + labels).to(boxes.dtype)
         shifted = boxes + (group * (boxes.max() + 1)).unsqueeze(-1)
@@ -97,7 +97,47 @@ class HardNMSDetector(nn.Module):
                 labels.reshape(-1)[keep])
 
 
-NMS_MODES = {"none": TopKDetector, "hard": HardNMSDetector}
+def append_hard_nms(topk_path: str, path: str, num_classes: int, iou_threshold: float) -> None:
+    """The raw top-k graph at `topk_path` followed by `HardNMS`, written to `path`: the small NMS graph is exported
+    on its own (seconds) and joined to the network with `onnx.compose.merge_models`, so a hard-NMS export costs
+    one network export, not two."""
+    import onnx
+    from onnx import compose
+
+    topk = onnx.load(topk_path)
+    k = topk.graph.output[0].type.tensor_type.shape.dim[1].dim_value  # K is static: min(topk, Q x C)
+    example = (torch.rand(2, k, 4) * 50, torch.rand(2, k), torch.randint(0, num_classes, (2, k)))
+    example[0][..., 2:] += example[0][..., :2]
+    batch = torch.export.Dim("batch", min=1)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nms_path = os.path.join(tmp, "nms.onnx")
+        torch.onnx.export(HardNMS(num_classes, iou_threshold), example, nms_path, dynamo=True,
+                          opset_version=topk.opset_import[0].version,
+                          input_names=["topk_boxes", "topk_scores", "topk_labels"], output_names=OUTPUTS["hard"],
+                          dynamic_shapes={"boxes": {0: batch}, "scores": {0: batch}, "labels": {0: batch}},
+                          verbose=False)
+        nms_graph = onnx.load(nms_path)
+    nms_graph.ir_version = topk.ir_version
+    first = compose.add_prefix(topk, "net_", rename_inputs=False)  # outputs net_boxes, net_scores, net_labels
+    second = compose.add_prefix(nms_graph, "nms_", rename_inputs=False, rename_outputs=False)
+    io_map = [(f"net_{a}", f"topk_{a}") for a in OUTPUTS["none"]]
+    onnx.save(compose.merge_models(first, second, io_map=io_map), path)
+
+
+class HardNMSDetector(nn.Module):
+    """`TopKDetector` then `HardNMS` (the eager form of the `nms="hard"` graph)."""
+
+    def __init__(self, model: nn.Module, topk: int | None = None, iou_threshold: float | None = None) -> None:
+        super().__init__()
+        self.topk_detector = TopKDetector(model, topk)
+        iou = model.test_cfg.iou_threshold if iou_threshold is None else iou_threshold
+        self.nms = HardNMS(model.num_classes, iou)
+
+    def forward(self, images: Tensor, img_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.nms(*self.topk_detector(images, img_sizes))
+
+
 OUTPUTS = {"none": ["boxes", "scores", "labels"], "hard": ["batch_index", "boxes", "scores", "labels"]}
 MIN_SIDE = 65  # the smallest H, W the graph takes: the stride-64 level keeps >= 2 rows and columns
 
@@ -120,25 +160,28 @@ def export_onnx(model: nn.Module, path: str, example: tuple[int, int] = (128, 12
 
     if opset < OPSET:
         raise ValueError(f"opset must be >= {OPSET} (the dynamo exporter's lowest), got {opset}")
-    if nms not in NMS_MODES:
-        raise ValueError(f"nms must be one of {sorted(NMS_MODES)}, got {nms!r}")
+    if nms not in OUTPUTS:
+        raise ValueError(f"nms must be one of {sorted(OUTPUTS)}, got {nms!r}")
     h, w = (int(v) for v in example)
     if min(h, w) < MIN_SIDE:
         raise ValueError(f"example size {h}x{w}: expected both sides >= {MIN_SIDE}")
-    wrapper = NMS_MODES[nms](copy.deepcopy(model).cpu().eval()).eval()
+    wrapper = TopKDetector(copy.deepcopy(model).cpu().eval(), topk).eval()
     images = torch.zeros(2, 3, h, w)
     sizes = torch.tensor([[h, w], [max(1, h * 3 // 4), max(1, w * 2 // 3)]], dtype=torch.int64)
     batch = torch.export.Dim("batch", min=1)
     dynamic = {"images": {0: batch, 2: torch.export.Dim("height", min=MIN_SIDE),
                           3: torch.export.Dim("width", min=MIN_SIDE)}, "img_sizes": {0: batch}}
     t0 = time.perf_counter()
-    with deform_attn_impl("reference"), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
-        torch.onnx.export(wrapper, (images, sizes), path, dynamo=True, opset_version=opset,
-                          input_names=["images", "img_sizes"], output_names=OUTPUTS[nms],
-                          dynamic_shapes=dynamic, verbose=False)
-    topk = wrapper.topk if nms == "none" else wrapper.topk_detector.topk
-    return ExportInfo(path, opset, (h, w), topk, nms, time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        topk_path = path if nms == "none" else os.path.join(tmp, "topk.onnx")
+        with deform_attn_impl("reference"), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
+            torch.onnx.export(wrapper, (images, sizes), topk_path, dynamo=True, opset_version=opset,
+                              input_names=["images", "img_sizes"], output_names=OUTPUTS["none"],
+                              dynamic_shapes=dynamic, verbose=False)
+        if nms == "hard":
+            append_hard_nms(topk_path, path, model.num_classes, model.test_cfg.iou_threshold)
+    return ExportInfo(path, opset, (h, w), wrapper.topk, nms, time.perf_counter() - t0)
 
 
 def padded_batch(images: list[Tensor], size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
