@@ -77,6 +77,10 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, tmp_pat
     assert not before_ckpt & resumed_epoch0, "images before the checkpoint were trained again"
 
 
+# slow (70-100 s): the branch it reaches (a complete checkpoint newer than Ray's) is unit-tested in
+# test_fault_checkpoint.py and the loop's wiring of it runs in CI's node-loss test; this is its deterministic
+# end-to-end form (`pytest -m slow`)
+@pytest.mark.slow
 def test_worker_killed_before_ray_took_its_checkpoint_resumes_from_it(ray_local, tmp_path, monkeypatch):
     """The race of a lost node: rank 0 reports its step-2 checkpoint (synchronous upload: complete in storage when
     `report` returns) and dies at once, before Ray's controller polls the report (every 2 s), so Ray restarts the
