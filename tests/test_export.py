@@ -130,3 +130,24 @@ def test_exported_mask_downsampling_equals_interpolate(monkeypatch):
                 h, w = (big_h - 1) // stride + 1, (big_w - 1) // stride + 1
                 want = F.interpolate(mask[None].float(), size=(h, w)).bool()[0]
                 assert torch.equal(downsample_mask(mask, h, w), want), (big_h, big_w, stride)
+
+
+@pytest.mark.slow  # ~150 s export: the ViT + SFP path of the exporter (windowed attention, resized abs. pos. embed)
+def test_vit_model_exports_with_dynamic_size(tmp_path):
+    from test_vit_keyfit import SMALL_VIT
+
+    from pipeline.export.onnx import check_parity, export_onnx, padded_batch
+    from pipeline.inference.model_io import deployed_model
+    from pipeline.models import build_model
+
+    overrides = ["model.num_classes=3", "model.transformer.num_encoder_layers=1",
+                 "model.transformer.num_decoder_layers=1", "model.transformer.num_queries=50", "model.test.topk=50",
+                 *SMALL_VIT]
+    cfg = load_config(os.path.join(REPO, "configs/model/co_dino_vit_l.yaml"), overrides).model
+    torch.manual_seed(0)
+    model = deployed_model(build_model(cfg).eval())
+    info = export_onnx(model, str(tmp_path / "vit.onnx"), example=(160, 160))
+    for seed, sizes in enumerate(([(160, 160)], [(224, 192)], [(128, 256), (100, 200)])):
+        report = check_parity(model, info.path, *padded_batch(_images(sizes, seed)))
+        print(f"[measured] ViT export {info.seconds:.1f} s; sizes {sizes}: {report}")
+        assert report["max_box_diff_px"] < 1e-2 and report["max_score_diff"] < 1e-4 and report["labels_equal"]
