@@ -112,14 +112,13 @@ def test_hard_nms_inside_the_graph_keeps_the_eager_detections(exported, tmp_path
         assert report["max_box_diff_px"] < 1e-2 and report["max_score_diff"] < 1e-4 and report["labels_equal"]
 
 
-def test_exported_mask_downsampling_equals_interpolate(monkeypatch):
-    """Under torch.export the padding mask's nearest downsampling is written out (the exporter's Resize keeps the
-    traced scale factors); it must equal F.interpolate's nearest rule at every size and stride."""
+def test_mask_downsampling_equals_interpolate():
+    """The padding mask's nearest downsampling is written out (`layers.padding_mask.downsample_mask`: the exporter's
+    Resize keeps the traced scale factors); it must equal F.interpolate's nearest rule at every size and stride."""
     import torch.nn.functional as F
 
-    from pipeline.models.transformer.co_dino import downsample_mask
+    from pipeline.models.layers.padding_mask import downsample_mask
 
-    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
     g = torch.Generator().manual_seed(0)
     for big_h in range(65, 1400, 37):
         for big_w in range(65, 1400, 53):

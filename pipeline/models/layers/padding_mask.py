@@ -1,4 +1,4 @@
-"""Padding masks of a zero-padded batch and the valid-size ratios derived from them."""
+"""Padding masks of a zero-padded batch, their per-level downsampling and the valid-size ratios."""
 
 from __future__ import annotations
 
@@ -20,3 +20,23 @@ def valid_ratio(mask: Tensor) -> Tensor:
     valid_h = torch.sum(~mask[:, :, 0], 1)
     valid_w = torch.sum(~mask[:, 0, :], 1)
     return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+
+
+def downsample_mask(mask: Tensor, h: int, w: int) -> Tensor:
+    """(B, H, W) bool -> (B, h, w) bool by nearest sampling, as the authors downsample the padding mask to each
+    level (`F.interpolate(mask[None].float(), size=(h, w))`, mode "nearest").
+
+    PyTorch's nearest rule written out (source index floor(i * (float)H / h), float32 as its kernels compute it),
+    equal to `F.interpolate` (tests/test_export.py checks 1,000+ sizes x 5 strides), so that the same code runs
+    eager and exported: the ONNX exporter turns `F.interpolate` into a Resize with the traced scale factors, which
+    puts the padding of an image of another size at the wrong rows of the smaller levels. `h`, `w` may be SymInts.
+    """
+    big_h, big_w = mask.shape[-2:]
+    one = torch.ones((), dtype=torch.float32, device=mask.device)
+
+    def rows(n_out: int, n_in: int) -> Tensor:
+        scale = (one * n_in) / (one * n_out)
+        idx = (torch.arange(n_out, dtype=torch.float32, device=mask.device) * scale).floor().long()
+        return idx.clamp(max=n_in - 1)
+
+    return mask.index_select(1, rows(h, big_h)).index_select(2, rows(w, big_w))

@@ -17,34 +17,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.models.layers.deform_attn import MultiScaleDeformableAttention, SpatialHW, shapes_tensor
-from pipeline.models.layers.padding_mask import valid_ratio
+from pipeline.models.layers.padding_mask import downsample_mask, valid_ratio
 from pipeline.models.layers.position_encoding import SinePositionalEncoding
 from pipeline.models.transformer.decoder import DinoDecoder
 from pipeline.models.transformer.encoder import DeformableEncoder
 from pipeline.models.transformer.query_selection import QuerySelection, encoder_proposals, select_topk
-
-
-def downsample_mask(mask: Tensor, h: int, w: int) -> Tensor:
-    """(B, H, W) bool -> (B, h, w) bool: `F.interpolate(mode="nearest")`, as the authors downsample the padding mask.
-
-    Under torch.export it is the same nearest rule written out (source index floor(i * (float)H / h), float32 as
-    PyTorch's CPU kernel): the ONNX exporter's Resize keeps the example's scale factors, which puts the padding of
-    an image of another size at the wrong rows of the smaller levels."""
-    if not torch.compiler.is_exporting():
-        return F.interpolate(mask[None].float(), size=(h, w)).to(torch.bool)[0]
-    big_h, big_w = mask.shape[-2:]
-    one = torch.ones((), dtype=torch.float32, device=mask.device)
-
-    def rows(n_out: int, n_in: int) -> Tensor:
-        scale = (one * n_in) / (one * n_out)
-        idx = (torch.arange(n_out, dtype=torch.float32, device=mask.device) * scale).floor().long()
-        return idx.clamp(max=n_in - 1)
-
-    return mask.index_select(1, rows(h, big_h)).index_select(2, rows(w, big_w))
 
 
 @dataclass
@@ -116,7 +96,7 @@ class CoDinoTransformer(nn.Module):
     def encode(self, feats: Sequence[Tensor], mask: Tensor) -> EncoderOutput:
         """feats: L maps (B, C, h_l, w_l); mask: (B, H, W) bool True = padding, at input resolution.
 
-        The mask is nearest-downsampled to each level (F.interpolate default), as the authors do.
+        The mask is nearest-downsampled to each level (`downsample_mask` == F.interpolate default), as the authors do.
         """
         flat, masks, pos_flat, shapes = [], [], [], []
         level_masks = []
