@@ -50,8 +50,7 @@ def main() -> None:
         print(f"[export] {out}: opset {info.opset}, dynamic batch and size (traced at {size[0]}x{size[1]}), "
               f"top-k {info.topk}, NMS {info.nms}, exported in {info.seconds:.1f} s")
         images = [loaded.preprocess.prepare(im, i)[0] for i, im in enumerate(parity_images(args.images))]
-        lsj = loaded.preprocess.augment.policy == "lsj"  # no padding mask: the LSJ canvas, as in training
-        report = check_parity(loaded.model, out, *padded_batch(images, size if lsj else None))
+        report = check_parity(loaded.model, out, *padded_batch(images))  # LSJ images already fill their canvas
         print(f"[export] onnxruntime vs eager on {report['batch']} images: max box diff "
               f"{report['max_box_diff_px']:.2e} px, max score diff {report['max_score_diff']:.2e}, labels equal "
               f"{report['labels_equal']}")

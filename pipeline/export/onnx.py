@@ -78,7 +78,10 @@ class TopKDetector(nn.Module):
 class HardNMS(nn.Module):
     """Class-aware hard NMS per image over a batch of top-k detections, in one `torchvision.ops.nms` call (exported
     as ONNX NonMaxSuppression): boxes are offset by (image index x classes + label) x (max coordinate + 1), so
-    boxes of different images or labels never overlap, the same trick as `torchvision.ops.batched_nms`."""
+    boxes of different images or labels never overlap, the same trick as `torchvision.ops.batched_nms`. Not that
+    function itself: above 4,000 box values on CPU (any real top-k, e.g. 2 x 900 x 4) it loops over
+    `torch.unique(labels)`, a data-dependent loop torch.export cannot trace; checked at K = 900, 80 classes: the
+    exported graph keeps exactly `batched_nms`'s detections."""
 
     def __init__(self, num_classes: int, iou_threshold: float) -> None:
         super().__init__()
@@ -185,24 +188,18 @@ def export_onnx(model: nn.Module, path: str, example: tuple[int, int] = (128, 12
 
 
 def padded_batch(images: list[Tensor], size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
-    """(3, h_i, w_i) uint8 network images (after the eval transform) -> (images (B, 3, H, W) normalised, zero
-    padding right / bottom, img_sizes (B, 2) int64): the ONNX model's inputs. H, W = `size` (an LSJ canvas), by
-    default the batch's largest sides, at least MIN_SIDE."""
-    from pipeline.data.collate import normalize_
+    """(3, h_i, w_i) uint8 network images (after the eval transform; an LSJ model's already fill its canvas) ->
+    (images (B, 3, H, W) normalised, zero padding right / bottom, img_sizes (B, 2) int64): the ONNX model's inputs,
+    the training collate (`pipeline.data.collate.collate`) padded on to `size`, by default to at least MIN_SIDE."""
+    from pipeline.data.collate import collate
 
-    if size is None:
-        size = (max(MIN_SIDE, *(int(im.shape[-2]) for im in images)),
-                max(MIN_SIDE, *(int(im.shape[-1]) for im in images)))
-    h, w = size
-    out = torch.zeros(len(images), 3, h, w)
-    sizes = []
-    for i, im in enumerate(images):
-        ih, iw = int(im.shape[-2]), int(im.shape[-1])
-        if ih > h or iw > w:
-            raise ValueError(f"image {i}: {ih}x{iw} does not fit the {h}x{w} input")
-        out[i, :, :ih, :iw] = normalize_(im.float().unsqueeze(0))[0]
-        sizes.append([ih, iw])
-    return out, torch.tensor(sizes, dtype=torch.int64)
+    batch = collate(images, [{} for _ in images])
+    sizes = torch.tensor([[int(im.shape[-2]), int(im.shape[-1])] for im in images], dtype=torch.int64)
+    h, w = size or (max(MIN_SIDE, batch.images.shape[-2]), max(MIN_SIDE, batch.images.shape[-1]))
+    if batch.images.shape[-2] > h or batch.images.shape[-1] > w:
+        raise ValueError(f"images up to {tuple(batch.images.shape[-2:])} do not fit the {h}x{w} input")
+    pad = (0, w - batch.images.shape[-1], 0, h - batch.images.shape[-2])  # left, right, top, bottom
+    return torch.nn.functional.pad(batch.images, pad), sizes
 
 
 def check_parity(model: nn.Module, path: str, images: Tensor, img_sizes: Tensor) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def deform_attn_impl(name: str) -> Iterator[None]:
 
 def level_hw(spatial_shapes: Tensor | Sequence[Sequence[int]]) -> SpatialHW:
     """Level sizes (h, w) as Python ints, from an (L, 2) long tensor (read back once: a host sync on CUDA) or
-    from (h, w) pairs already on the host (no sync)."""
+    from (h, w) pairs already on the host (no sync; SymInts under torch.export stay symbolic)."""
     pairs = spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor) else spatial_shapes
     return tuple((_size(h), _size(w)) for h, w in pairs)
 
