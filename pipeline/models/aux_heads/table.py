@@ -130,6 +130,26 @@ class GFLConfig:
     dfl_weight: float = 0.25  # distribution focal loss, x12 -> 3
 
 
+@dataclass(frozen=True)
+class PAAConfig:
+    """PAA auxiliary head (paper Table 8; Kim & Lee 2020 with mmdet `PAAHead` defaults: MaxIoU 0.1 candidates,
+    GMM split of their losses, IoU-prediction branch; one stacked conv); *_weight are base weights (x lambda2 *
+    factor). cls_weight and bbox_weight also weigh the per-anchor score that PAA splits, as mmdet's loss modules."""
+
+    stacked_convs: int = 1  # conv+GN+ReLU per tower (the original has 4; the authors' aux ATSS 1)
+    strides: tuple[int, ...] = ()  # adapter map strides (() = the adapter's)
+    anchor_scale: float = 8.0  # one anchor per location, size 8 x stride (octave_base_scale 8, 1 scale)
+    coder_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)  # DeltaXYWH target stds
+    candidate_iou: float = 0.1  # MaxIoU pos = neg threshold of the initial candidates (min_pos_iou 0)
+    topk: int = 9  # candidates per level and GT fitted by the GMM
+    prior_prob: float = 0.01  # classification bias prior
+    focal_alpha: float = 0.25  # sigmoid focal loss alpha
+    focal_gamma: float = 2.0  # sigmoid focal loss gamma
+    cls_weight: float = 1.0  # focal, x12
+    bbox_weight: float = 1.3  # GIoU weighted by the IoU target, x12
+    iou_weight: float = 0.5  # BCE of the IoU branch, x12
+
+
 # ------------------------------------------------------------------------------------------------- the rows
 
 
@@ -200,6 +220,11 @@ _ROWS = (
         name="gfl", config=GFLConfig, builder="pipeline.models.aux_heads.gfl:build", group="dense",
         loss_weights={"loss_cls{k}": "cls_weight", "loss_bbox{k}": "bbox_weight", "loss_dfl{k}": "dfl_weight"},
         class_params=("gfl_cls",),  # no released checkpoint with this head: no key mapping
+    ),
+    AuxHeadSpec(
+        name="paa", config=PAAConfig, builder="pipeline.models.aux_heads.paa:build", group="dense",
+        loss_weights={"loss_cls{k}": "cls_weight", "loss_bbox{k}": "bbox_weight", "loss_iou{k}": "iou_weight"},
+        class_params=("atss_cls",),  # mmdet PAAHead key names; no released Co-DETR checkpoint with this head
     ),
 )
 
