@@ -62,7 +62,7 @@ def test_class_remap_keys_come_from_the_table():
 @pytest.mark.parametrize(
     ("heads", "config"),
     [("[atss,faster_rcnn,retinanet,fcos,gfl,atss]", TINY),  # K = 6, every head, a repeat
-     ("[fcos,gfl,retinanet]", str(REPO / "configs/model/co_deformable_detr_tiny.yaml"))],  # coordinate features
+     ("[fcos,gfl,retinanet,paa]", str(REPO / "configs/model/co_deformable_detr_tiny.yaml"))],  # coordinate features
 )
 def test_k_heads_train_step_every_parameter_gets_a_gradient_and_deploys_as_k0(heads, config):
     torch.manual_seed(0)

@@ -74,8 +74,8 @@ def test_default_space_is_the_issue_s():
             r"model\.co\.lambda1: value -1\.0 .*negative",
         ),
         (
-            {"model.co.aux_heads": ParamSpec("choice", values=(["atss"], ["paa"]))},
-            r"value \[paa\].*unknown aux head 'paa'",
+            {"model.co.aux_heads": ParamSpec("choice", values=(["atss"], ["yolo"]))},
+            r"value \[yolo\].*unknown aux head 'yolo'",
         ),
         (
             {"data.batch_size": ParamSpec("uniform", 1.0, 4.0)},
