@@ -29,9 +29,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADS = {"K=0": "[]", "K=1": "[atss]", "K=2": "[atss,faster_rcnn]", "K=3": "[atss,faster_rcnn,gfl]",
-         "K=4": "[atss,faster_rcnn,gfl,retinanet]", "K=5": "[atss,faster_rcnn,gfl,retinanet,fcos]",
-         "K=6": "[atss,faster_rcnn,gfl,retinanet,fcos,atss]"}  # K = 3..6 on request (--ks), paper Table 7
+HEADS = {"K=0": "[]", "K=1": "[atss]", "K=2": "[atss,faster_rcnn]", "K=3": "[atss,faster_rcnn,paa]",
+         "K=4": "[atss,faster_rcnn,paa,gfl]", "K=5": "[atss,faster_rcnn,paa,gfl,fcos]",
+         "K=6": "[atss,faster_rcnn,paa,gfl,fcos,retinanet]"}  # K = 3..6 on request (--ks), paper Table 7
 
 
 def worker(args: argparse.Namespace) -> None:

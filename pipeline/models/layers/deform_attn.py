@@ -418,10 +418,17 @@ class MultiScaleDeformableAttention(nn.Module):
             nn.init.xavier_uniform_(proj.weight)
             nn.init.zeros_(proj.bias)
 
+    def project_value(self, value: Tensor, value_padding_mask: Tensor | None = None) -> Tensor:
+        """value (B, S, C) -> value_proj(value) with the padding tokens zeroed, (B, S, C)."""
+        v = self.value_proj(value)
+        if value_padding_mask is not None:
+            v = v.masked_fill(value_padding_mask[..., None], 0.0)
+        return v
+
     def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Tensor,
                 level_start_index: Tensor | None = None, value_padding_mask: Tensor | None = None,
                 query_pos: Tensor | None = None, identity: Tensor | None = None,
-                spatial_hw: Sequence[Sequence[int]] | None = None) -> Tensor:
+                spatial_hw: Sequence[Sequence[int]] | None = None, projected_value: Tensor | None = None) -> Tensor:
         """Deformable attention from queries into the multi-level value map.
 
         Args:
@@ -434,6 +441,8 @@ class MultiScaleDeformableAttention(nn.Module):
             identity: (B, Q, C) residual; defaults to `query` (without query_pos).
             spatial_hw: `spatial_shapes` as Python ints ((h, w) per level), if the caller has them: no host
                 sync in the kernel then.
+            projected_value: `project_value(value, value_padding_mask)` computed earlier, (B, S, C): skips the
+                value projection (a second decoder pass over the same memory reuses the first pass's).
         Returns:
             (B, Q, C) = dropout(output_proj(attention)) + identity.
         """
@@ -447,9 +456,7 @@ class MultiScaleDeformableAttention(nn.Module):
         if spatial_shapes.shape[0] != L:
             raise ValueError(f"spatial_shapes has {spatial_shapes.shape[0]} levels, "
                              f"module expects num_levels={L}")
-        v = self.value_proj(value)
-        if value_padding_mask is not None:
-            v = v.masked_fill(value_padding_mask[..., None], 0.0)
+        v = self.project_value(value, value_padding_mask) if projected_value is None else projected_value
         v = v.view(B, S, nH, -1)
         offsets = self.sampling_offsets(query).view(B, Q, nH, L, P, 2)
         weights = self.attention_weights(query).view(B, Q, nH, L * P).softmax(-1).view(B, Q, nH, L, P)

@@ -14,7 +14,7 @@ Entry points
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,9 @@ class EncoderOutput:
     """memory: (B, S, C), S = sum_l h_l*w_l, levels flattened row-major in order;
     spatial_shapes: (L, 2) long (h, w); level_start_index: (L,) long; valid_ratios: (B, L, 2) (w, h);
     padding_mask: (B, S) bool, True = padding; spatial_hw: spatial_shapes as Python ints, taken from the feature
-    maps' shapes once per forward, so that no consumer reads `spatial_shapes` back from the device."""
+    maps' shapes once per forward, so that no consumer reads `spatial_shapes` back from the device;
+    value_cache: each decoder layer's projected memory, filled by the first decoder pass in training and reused by
+    the aux query groups' passes over the same memory (`DinoDecoder.forward`)."""
 
     memory: Tensor
     spatial_shapes: Tensor
@@ -40,6 +42,7 @@ class EncoderOutput:
     valid_ratios: Tensor
     padding_mask: Tensor
     spatial_hw: SpatialHW
+    value_cache: dict[int, Tensor] = field(default_factory=dict)  # decoder layer -> projected memory (training)
 
 
 @dataclass
@@ -161,6 +164,7 @@ class CoDinoTransformer(nn.Module):
             attn_mask=attn_mask,
             query_pos=query_pos,
             spatial_hw=enc.spatial_hw,
+            value_cache=enc.value_cache if self.training else None,  # shared by the main and aux query passes
         )
 
     def forward(

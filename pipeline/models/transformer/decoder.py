@@ -53,15 +53,17 @@ class DinoDecoderLayer(nn.Module):
         padding_mask: Tensor | None,
         attn_mask: Tensor | None = None,
         spatial_hw: SpatialHW | None = None,
+        projected_value: Tensor | None = None,
     ) -> Tensor:
         """query, query_pos: (B, Q, C); reference_points: (B, Q, L, 4) cxcywh scaled by the valid ratios;
-        memory: (B, S, C); attn_mask: (Q, Q) bool, True = blocked; spatial_hw: spatial_shapes as Python ints."""
+        memory: (B, S, C); attn_mask: (Q, Q) bool, True = blocked; spatial_hw: spatial_shapes as Python ints;
+        projected_value: `cross_attn.project_value(memory, padding_mask)` if already computed, (B, S, C)."""
         qk = query + query_pos
         query = query + self.self_attn(qk, qk, query, attn_mask=attn_mask, need_weights=False)[0]
         query = self.norm1(query)
         query = self.cross_attn(
             query, reference_points, memory, spatial_shapes, level_start_index, padding_mask, query_pos=query_pos,
-            spatial_hw=spatial_hw,
+            spatial_hw=spatial_hw, projected_value=projected_value,
         )
         query = self.norm2(query)
         return self.norm3(self.ffn(query))
@@ -106,6 +108,7 @@ class DinoDecoder(nn.Module):
         attn_mask: Tensor | None = None,
         query_pos: Tensor | None = None,
         spatial_hw: SpatialHW | None = None,
+        value_cache: dict[int, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Run all layers.
 
@@ -114,7 +117,11 @@ class DinoDecoder(nn.Module):
         reg_branches: at least num_layers modules C -> 4 (refinement of layer l uses reg_branches[l]);
         attn_mask: (Q, Q) bool True = blocked (denoising groups); query_pos: (B, Q, C) fixed positional
         query used *instead of* the per-layer `ref_point_head` embedding (None = Co-DINO behaviour);
-        spatial_hw: spatial_shapes as Python ints, read from spatial_shapes once here if not given.
+        spatial_hw: spatial_shapes as Python ints, read from spatial_shapes once here if not given;
+        value_cache: layer index -> that layer's projected memory (`project_value`), filled by the first pass
+        and reused by later passes over the same memory (the aux query groups): one value projection per layer
+        and step instead of one per pass (the same tensor; its gradients add up before the projection's
+        backward). None: project in every pass.
         Returns hidden (num_layers, B, Q, C) after `norm` (the identity without a final norm), references
         (num_layers + 1, B, Q, 4): [initial, new_ref_0, ..., new_ref_{L-1}], the new refs not detached.
         """
@@ -136,9 +143,12 @@ class DinoDecoder(nn.Module):
                 pos = self.ref_point_head(sine)
             else:
                 pos = query_pos
+            projected = None if value_cache is None else value_cache.get(lid)
+            if projected is None and value_cache is not None:
+                projected = value_cache[lid] = layer.cross_attn.project_value(memory, padding_mask)
             output = layer(
                 output, pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, attn_mask,
-                spatial_hw,
+                spatial_hw, projected,
             )
             new_ref = (reg_branches[lid](output) + inverse_sigmoid(ref, eps=self.ref_eps)).sigmoid()
             ref = new_ref.detach()
