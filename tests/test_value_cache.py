@@ -5,9 +5,9 @@ projecting it in every pass."""
 from __future__ import annotations
 
 import torch
+from test_aux_head_table import _batch, tiny
 
 from pipeline.models import build_model
-from test_aux_head_table import _batch, tiny
 
 
 def _step(model, cache: bool):

@@ -82,15 +82,14 @@ class MaxIoUAssigner:
         overlaps = torch.where(usable, overlaps, overlaps.new_tensor(-1.0))  # below any real IoU
         max_overlaps, argmax = overlaps.max(dim=1)  # (B, N) per prior, first GT on ties
         gt_max = overlaps.max(dim=2).values  # (B, G) per GT over its image's valid priors
-        gt_inds[(max_overlaps >= 0) & (max_overlaps < self.neg_iou)] = 0
-        pos = max_overlaps >= self.pos_iou
-        gt_inds[pos] = argmax[pos] + 1
+        # torch.where, not bool-mask assignment: no data-dependent shapes (no host sync on a GPU)
+        gt_inds = torch.where((max_overlaps >= 0) & (max_overlaps < self.neg_iou), 0, gt_inds)
+        gt_inds = torch.where(max_overlaps >= self.pos_iou, argmax + 1, gt_inds)
         if self.match_low_quality:
             is_best = (overlaps == gt_max[:, :, None]) & (gt_max[:, :, None] >= self.min_pos_iou) & usable
             last_gt = num_gts - 1 - is_best.flip(1).to(torch.uint8).argmax(dim=1)  # (B, N)
             gt_inds = torch.where(is_best.any(dim=1), last_gt + 1, gt_inds)
         gt_inds = torch.where(no_gt & prior_valid, 0, gt_inds)
-        pos = gt_inds > 0
-        labels[pos] = gt_labels.gather(1, (gt_inds - 1).clamp(min=0))[pos].long()
+        labels = torch.where(gt_inds > 0, gt_labels.gather(1, (gt_inds - 1).clamp(min=0)).long(), labels)
         max_overlaps = torch.where(no_gt | ~prior_valid, max_overlaps.new_zeros(()), max_overlaps)
         return AssignResult(num_gts, gt_inds, max_overlaps, labels)

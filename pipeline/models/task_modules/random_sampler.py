@@ -84,17 +84,19 @@ class RandomSampler:
         b, n = gt_inds.shape
         num_pos = int(self.num * self.pos_fraction)
         keys = torch.rand((2, b, n), generator=generator, device=gt_inds.device)
-        pos_mask = self._top(torch.where(gt_inds > 0, keys[0], -1.0), torch.full((b,), num_pos, device=keys.device))
+        pos_mask = self._top(torch.where(gt_inds > 0, keys[0], -1.0), torch.full((b,), num_pos, device=keys.device),
+                             num_pos)
         neg_quota = self.num - pos_mask.sum(1)
-        neg_mask = self._top(torch.where(gt_inds == 0, keys[1], -1.0), neg_quota)
+        neg_mask = self._top(torch.where(gt_inds == 0, keys[1], -1.0), neg_quota, self.num)
         return pos_mask, neg_mask
 
     @staticmethod
-    def _top(keys: Tensor, quota: Tensor) -> Tensor:
-        """keys (B, N) with -1 for non-candidates, quota (B,) -> (B, N) bool: per row the min(quota, #candidates)
-        candidates with the largest keys."""
+    def _top(keys: Tensor, quota: Tensor, bound: int) -> Tensor:
+        """keys (B, N) with -1 for non-candidates, quota (B,) <= bound (a Python int, so that the top-k size is
+        not read back from the device) -> (B, N) bool: per row the min(quota, #candidates) candidates with the
+        largest keys."""
         b, n = keys.shape
-        k = min(int(quota.max()) if b else 0, n)
+        k = min(bound if b else 0, n)
         mask = torch.zeros_like(keys, dtype=torch.bool)
         if k <= 0:
             return mask
