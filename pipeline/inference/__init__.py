@@ -8,7 +8,8 @@ No Ray in this package except `ray_predict.py`, which only builds the Ray Data p
 """
 
 from pipeline.inference.detector import Detector
-from pipeline.inference.model_io import LoadedModel, load_for_inference
+from pipeline.inference.load import load_for_inference
+from pipeline.inference.model_io import LoadedModel
 from pipeline.inference.preprocess import PreprocessConfig
 
 __all__ = ["Detector", "LoadedModel", "PreprocessConfig", "load_for_inference"]

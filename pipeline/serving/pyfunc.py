@@ -138,7 +138,7 @@ def load_registered(uri: str, tracking_uri: str | None = None) -> LoadedModel | 
     mlflow.pytorch one (no CoDETRPyfunc inside)."""
     from mlflow.models import get_model_info
 
-    from pipeline.tracking.mlflow_tracking import normalize_model_uri
+    from pipeline.tracking.model_uri import normalize_model_uri
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)

@@ -17,6 +17,8 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from pipeline.tracking.model_uri import normalize_model_uri  # noqa: F401  (re-exported)
+
 SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential")
 
 
@@ -145,13 +147,6 @@ def _pip_requirements() -> list[str]:
 
     return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
             "timm", "scipy"]
-
-
-def normalize_model_uri(uri: str) -> str:
-    """`models:/name@latest` -> `models:/name/latest` (MLflow's built-in; "latest" cannot be an alias)."""
-    if uri.startswith("models:/") and uri.lower().endswith("@latest"):
-        return uri[: -len("@latest")] + "/latest"
-    return uri
 
 
 def load_registered_model(uri: str, tracking_uri: str | None = None) -> Any:

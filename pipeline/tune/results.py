@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import storage
 from pipeline.config import JobConfig, dump_yaml, flatten
-from pipeline.tune.space import SearchConfig, TuneJobConfig, apply_params, decode_params, label
+from pipeline.tune.space import (
+    SearchConfig,
+    TuneJobConfig,
+    apply_params,
+    decode_params,
+    label,
+    trial_run_name,
+)
 
 if TYPE_CHECKING:
     from pipeline.tune.search import SearchResult
@@ -35,8 +42,6 @@ def _metric_col(search: SearchConfig) -> str:
 
 def trial_rows(grid: Any, search: SearchConfig, base: JobConfig, storage_root: str) -> list[dict[str, Any]]:
     """One dict per trial of a Tune ResultGrid (sorted by trial id)."""
-    from pipeline.tune.search import trial_run_name
-
     sched = search.scheduler
     rows = []
     for r in grid:

@@ -47,6 +47,7 @@ from pipeline.tune.space import (
     check_space,
     decode_params,
     to_tune_space,
+    trial_run_name,
 )
 
 FIXED = ("train.max_steps", "train.epochs")  # set from the scheduler's max_t: a trial's length
@@ -195,10 +196,6 @@ def trial_main(
     if s.metric in res.metrics:
         counters = {k: int(res.metrics[k]) for k in ("step", "epoch") if k in res.metrics}
         tune.report({**res.metrics, **counters, "checkpoint_path": res.checkpoint_uri})
-
-
-def trial_run_name(search_name: str, trial_id: str) -> str:
-    return f"{search_name}-{trial_id}"
 
 
 def trial_dirname(trial: Any) -> str:

@@ -290,3 +290,8 @@ def decode_params(space: dict[str, ParamSpec], config: dict[str, Any]) -> dict[s
             value = by_label[value] if value in by_label else yaml.safe_load(value)
         params[path] = value
     return params
+
+
+def trial_run_name(search_name: str, trial_id: str) -> str:
+    """The MLflow run name of a trial (the trial's job `name`)."""
+    return f"{search_name}-{trial_id}"
