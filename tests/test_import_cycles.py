@@ -1,10 +1,11 @@
 """No import cycle among the modules of pipeline/: the import graph (module-level and lazy imports inside
-functions, read with ast; `if TYPE_CHECKING:` blocks excluded) has no strongly connected component of more than one
-module. A cycle would mean two concepts that cannot be read, tested or moved apart."""
+functions, read with ast; `if TYPE_CHECKING:` blocks excluded) has no cycle (the standard library's graphlib looks
+for one). A cycle would mean two concepts that cannot be read, tested or moved apart."""
 
 from __future__ import annotations
 
 import ast
+import graphlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,45 +44,12 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components of more than one node (Tarjan, iterative)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    on_stack: set[str] = set()
-    stack: list[str] = []
-    out: list[list[str]] = []
-    for root in graph:
-        if root in index:
-            continue
-        work = [(root, iter(sorted(graph[root])))]
-        index[root] = low[root] = len(index)
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            v, it = work[-1]
-            w = next(it, None)
-            if w is not None:
-                if w not in index:
-                    index[w] = low[w] = len(index)
-                    stack.append(w)
-                    on_stack.add(w)
-                    work.append((w, iter(sorted(graph[w]))))
-                elif w in on_stack:
-                    low[v] = min(low[v], index[w])
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[v])
-            if low[v] == index[v]:
-                comp = []
-                while True:
-                    x = stack.pop()
-                    on_stack.discard(x)
-                    comp.append(x)
-                    if x == v:
-                        break
-                if len(comp) > 1:
-                    out.append(sorted(comp))
-    return out
+    """[the modules of one import cycle, sorted] or [] (the standard library's graphlib finds it)."""
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as err:
+        return [sorted(set(err.args[1]))]
+    return []
 
 
 def test_cycle_finder_finds_a_lazy_cycle():
