@@ -35,7 +35,7 @@ from pipeline.models.aux_heads.dense import flatten_levels
 from pipeline.models.aux_heads.faster_rcnn import gt_to_pixels
 from pipeline.models.aux_heads.table import AuxBuildContext, PAAConfig
 from pipeline.models.box_ops import aligned_iou
-from pipeline.models.losses import giou_loss, sigmoid_focal_loss, weight_reduce_loss
+from pipeline.models.losses import sigmoid_focal_loss, weight_reduce_loss
 from pipeline.models.task_modules.anchors import cached_grid_anchors
 from pipeline.models.task_modules.batching import pad_gts
 from pipeline.models.task_modules.max_iou_assigner import MaxIoUAssigner
@@ -63,14 +63,14 @@ class PAAHead(ATSSHead):
         self.score_weights = (cfg.cls_weight, cfg.bbox_weight)  # mmdet's loss weights inside the PAA score
 
     @torch.no_grad()
-    def candidate_scores(self, cls: Tensor, boxes: Tensor, labels: Tensor, gt: Tensor) -> Tensor:
-        """cls (B, N, nc) logits, decoded boxes (B, N, 4), candidate labels (B, N) (bg = nc), their GT (B, N, 4)
-        -> (B, N) cls_weight x focal summed over classes + bbox_weight x GIoU loss (meaningful on candidates)."""
+    def candidate_scores(self, cls: Tensor, labels: Tensor, giou_loss_elems: Tensor) -> Tensor:
+        """cls (B, N, nc) logits, candidate labels (B, N) (bg = nc), the unreduced GIoU loss of the decoded boxes
+        against their GT (B, N) -> (B, N) cls_weight x focal summed over classes + bbox_weight x GIoU loss
+        (meaningful on candidates)."""
         nc = self.num_classes
         onehot = F.one_hot(labels, nc + 1)[..., :nc].to(cls.dtype)
         focal = tv_sigmoid_focal_loss(cls, onehot, self.focal_alpha, self.focal_gamma, reduction="none").sum(-1)
-        giou = 1 - aligned_iou(boxes.reshape(-1, 4), gt.reshape(-1, 4), mode="giou").reshape(labels.shape)
-        return self.score_weights[0] * focal + self.score_weights[1] * giou
+        return self.score_weights[0] * focal + self.score_weights[1] * giou_loss_elems
 
     def forward_train(
         self, feats: list[Tensor], targets: list[dict[str, Tensor]], img_sizes: Tensor
@@ -92,7 +92,10 @@ class PAAHead(ATSSHead):
         iou_logits = flatten_levels(iou_preds, 1).squeeze(-1).float()  # (B, N)
         # a non-candidate's stand-in GT is its own anchor: finite values, masked below
         gt_or_anchor = torch.where(cand[..., None], assigned, flat_anchors)
-        scores = self.candidate_scores(cls.detach(), boxes.detach(), torch.where(cand, res.labels, nc), gt_or_anchor)
+        # 1 - GIoU of every anchor's box, computed once: the PAA score (detached) and the box loss share it
+        giou_elems = 1 - aligned_iou(boxes.reshape(-1, 4), gt_or_anchor.reshape(-1, 4), mode="giou")  # (B N,)
+        scores = self.candidate_scores(cls.detach(), torch.where(cand, res.labels, nc),
+                                       giou_elems.detach().reshape(b, -1))  # fmt: skip
         pos = paa_positives(scores, res.gt_inds, [a.shape[0] for a in level_anchors], gt.shape[1], self.topk)
         labels = torch.where(pos, res.labels, nc)
         num_pos = pos.sum().to(torch.float32)  # a device tensor: no host sync
@@ -101,8 +104,8 @@ class PAAHead(ATSSHead):
                                       num_pos.clamp(min=b), self.focal_alpha, self.focal_gamma)  # fmt: skip
         iou_t = aligned_iou(boxes.detach().reshape(-1, 4), gt_or_anchor.reshape(-1, 4)) * pos.reshape(-1)
         pos_f = pos.reshape(-1).float()
-        loss_bbox = giou_loss(boxes.reshape(-1, 4), gt_or_anchor.reshape(-1, 4),
-                              weight=iou_t.clamp(min=_IOU_EPS) * pos_f, avg_factor=iou_t.sum())  # fmt: skip
+        # mmdet GIoULoss's reduction (no positive: the weights are all 0 and so is the sum)
+        loss_bbox = weight_reduce_loss(giou_elems, iou_t.clamp(min=_IOU_EPS) * pos_f, "mean", iou_t.sum())
         bce = F.binary_cross_entropy_with_logits(iou_logits.reshape(-1), iou_t, reduction="none")
         loss_iou = weight_reduce_loss(bce, pos_f, "mean", num_pos)
         feats_out = None
