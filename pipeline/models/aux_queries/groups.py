@@ -171,7 +171,7 @@ class AuxQueryProjection(nn.Module):
 class _GroupTargets:
     """Per-group loss inputs shared by every decoder layer (computed once: same labels and targets each layer).
 
-    labels (N,), label_w (N,), box_w4 (N, 4), targets (N, 4) normalised cxcywh, pos (N,) bool, pos_xyxy (N, 4)
+    labels (N,), label_w (N,), box_w4 (N, 4), targets (N, 4) normalised cxcywh, pos (N,) bool, targets_xyxy (N, 4)
     normalised xyxy of the targets (the whole image off the positives), targets_px (N, 4) pixel xyxy; cls_avg
     (tensor) and box_avg (float) = max(reduce_mean(#pos), 1); N = B * M.
     """
@@ -181,7 +181,7 @@ class _GroupTargets:
     box_w4: Tensor
     targets: Tensor
     pos: Tensor
-    pos_xyxy: Tensor
+    targets_xyxy: Tensor
     targets_px: Tensor
     cls_avg: Tensor
     box_avg: Tensor
@@ -199,7 +199,7 @@ def _group_targets(group: AuxGroup, factors: Tensor, num_classes: int) -> _Group
         box_w4=group.box_weights.reshape(-1).float()[:, None].expand(-1, 4),
         targets=targets,
         pos=pos,
-        pos_xyxy=box_cxcywh_to_xyxy(torch.where(pos[:, None], targets, targets.new_tensor([0.5, 0.5, 1.0, 1.0]))),
+        targets_xyxy=box_cxcywh_to_xyxy(torch.where(pos[:, None], targets, targets.new_tensor([0.5, 0.5, 1.0, 1.0]))),
         targets_px=box_cxcywh_to_xyxy(targets) * factors,
         cls_avg=avg,
         box_avg=avg,
@@ -223,7 +223,7 @@ def _layer_losses(
         loss_cls = sigmoid_focal_loss(logits, t.labels, t.label_w, t.cls_avg, alpha=focal[0], gamma=focal[1])
     else:
         # IoU of every query with its target (a stand-in off the positives), kept on the positives: fixed shapes
-        scores = aligned_iou(box_cxcywh_to_xyxy(boxes.detach()), t.pos_xyxy) * t.pos
+        scores = aligned_iou(box_cxcywh_to_xyxy(boxes.detach()), t.targets_xyxy) * t.pos
         qfl = quality_focal_loss(logits, t.labels, scores, beta=qfl_beta)
         loss_cls = weight_reduce_loss(qfl, t.label_w, "mean", t.cls_avg)
     pred_px = box_cxcywh_to_xyxy(boxes) * factors
