@@ -1,5 +1,6 @@
 """The Ray Data loader on a tiny shard set (written here with pyarrow, following the shard contract):
-batches, masks and targets; same augmentation as the non-Ray ShardDataset; a new augmentation every epoch;
+batches, masks and targets; same augmentation as the non-Ray ShardDataset; a new augmentation every epoch (the
+training stream's epochs);
 eval keeps crowd boxes; streaming_split; shards on S3 (moto server)."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from PIL import Image
 from pipeline import storage
 from pipeline.data.config import TINY_AUGMENT, DataConfig
 from pipeline.data.loader import ShardDataset, build_dataset, iter_batches, shard_files, table_to_samples
+from pipeline.data.stream import TrainStream, scan_chunks
 
 SHARD_SCHEMA = pa.schema([  # ARCHITECTURE.md "Contracts others rely on"
     ("image_id", pa.int64()), ("file_name", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
@@ -110,16 +112,32 @@ def test_train_rows_match_shard_dataset_and_change_per_epoch(ray_local, shards):
     assert epoch0[12][1]["boxes"].shape == (0, 4)  # the image without boxes is a valid sample
     assert 1 not in epoch0[13][1]["iscrowd"].tolist()  # crowd boxes are out of training targets
 
-    epoch1 = rows_by_id(ds)                       # second execution of the same Dataset: epoch 1
+    # a training worker's stream over epochs 0 and 1 (one Ray Data execution): each epoch is the ShardDataset's
+    stream = TrainStream(cfg, scan_chunks(shard_files(cfg, "train")), rank=0, world=1, batch=2, first_epoch=0,
+                         epochs=2)
+    streamed = {}
+    for e in (0, 1):
+        ids = [t["image_id"] for b in stream.batches(e) for t in b.targets]
+        assert sorted(ids) == sorted(IMAGES), e
+    stream.close()
+    epoch1 = rows_by_id(build_dataset(cfg, "train", train=True, epoch_seed=1))  # one pass of epoch 1
     local.set_epoch(1)
     for image_id, sample in epoch1.items():
         assert same_sample(sample, local[by_index[image_id]]), image_id
     assert any(not same_sample(epoch0[i], (torch.from_numpy(epoch1[i][0].copy()), epoch1[i][1]))
                for i in IMAGES)
 
-    resumed = rows_by_id(build_dataset(cfg, "train", train=True, epoch_seed=1))  # a resume at epoch 1
-    for image_id, sample in resumed.items():
-        assert same_sample(sample, (torch.from_numpy(epoch1[image_id][0].copy()), epoch1[image_id][1]))
+    # the stream's epoch-1 images are the same augmented samples (the epoch comes from the plan, not from Ray)
+    stream = TrainStream(cfg, scan_chunks(shard_files(cfg, "train")), rank=0, world=1, batch=1, first_epoch=1,
+                         epochs=2)
+    for b in stream.batches(1):
+        streamed[b.targets[0]["image_id"]] = b
+    stream.close()
+    assert sorted(streamed) == sorted(IMAGES)
+    for image_id, b in streamed.items():
+        h, w = b.targets[0]["size"].tolist()
+        image, target = epoch1[image_id]
+        assert (h, w) == image.shape[-2:] and torch.equal(b.targets[0]["boxes"], target["boxes"])
 
 
 def test_iter_batches_pads_masks_and_targets(ray_local, shards):

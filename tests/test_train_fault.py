@@ -8,6 +8,7 @@ CODETR_FAULT_AT_STEP / CODETR_FAULT_MARKER and CODETR_TRACE_IDS.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -29,6 +30,22 @@ def tiny_job(work_dir: str, *overrides: str):
 def train_image_ids(work_dir: str) -> list[int]:
     files = glob.glob(os.path.join(work_dir, "shards", "*", "train", "part-*.parquet"))
     return sorted(i for f in files for i in pq.read_table(f, columns=["image_id"]).column(0).to_pylist())
+
+
+def position_ids(job, state: dict) -> list[int]:
+    """The image ids a checkpoint's data position marks as trained in its epoch (read through the plan)."""
+    from pipeline.data.loader import shard_files
+    from pipeline.data.plan import EpochPlan
+    from pipeline.data.stream import read_piece, scan_chunks
+
+    shards = glob.glob(os.path.join(job.work_dir, "shards", "*"))[0]
+    chunks = scan_chunks(shard_files(dataclasses.replace(job.data, shards=shards), job.data.train_split))
+    pos = state["data_position"]
+    assert pos["epoch"] == state["epoch"] and pos["chunks"] == chunks.fingerprint()
+    plan = EpochPlan(chunks, job.data.seed, pos["epoch"], shuffle=True)
+    return [i for c, lo, hi in plan.pieces([tuple(iv) for iv in pos["consumed"]])
+            for i in read_piece(chunks, int(c), int(lo), int(hi), seed=job.data.seed, epoch=pos["epoch"],
+                                shuffle=True).column("image_id").to_pylist()]
 
 
 def read_trace(path: str) -> list[dict]:
@@ -56,7 +73,7 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, tmp_pat
     # Stopped by max_steps inside epoch 1 (0-based): the final checkpoint holds that data position.
     state = load_optional(res.checkpoint_uri, "trainer_state.json")
     assert state["step"] == 6 and state["epoch"] == 1
-    assert sorted(state["seen_ids"]) == sorted(i for line in lines if line["step"] in (5, 6) for i in line["ids"])
+    assert sorted(position_ids(job, state)) == sorted(i for line in lines if line["step"] in (5, 6) for i in line["ids"])
 
     pids = list(dict.fromkeys(line["pid"] for line in lines))
     assert len(pids) == 2, f"expected one restart, got attempts {pids}"

@@ -155,7 +155,8 @@ def test_checkpoint_round_trip(tmp_path):
     net.head(torch.randn(3, 4)).sum().backward()
     opt.step()
     ema = {k: v + 1 for k, v in net.state_dict().items()}
-    state = {"epoch": 2, "step": 17, "seen_ids": [3, 5, 8], "best_ap": 0.25}
+    state = {"epoch": 2, "step": 17, "data_position": {"epoch": 2, "consumed": [[0, 6], [40, 46]], "chunks": "ab12"},
+             "best_ap": 0.25}
     cats = _cats(["cat", "dog"])
     d = ckpt_io.save_checkpoint(str(tmp_path / "ckpt"), model_state=net.state_dict(), trainer_state=state,
                                 config_yaml="train: {lr: 0.001}\n", categories=cats,

@@ -1,65 +1,43 @@
-"""Shards -> Ray Data (decode + augment on CPU workers) -> padded batches on each training worker.
+"""Shards -> Ray Data (read + decode + augment on CPU workers) -> padded batches on each training worker.
 
-Driver (or job):
-    ds = build_dataset(cfg.data, cfg.data.train_split, train=True, epoch_seed=start_epoch)
-    trainer = TorchTrainer(..., datasets={"train": ds})
-Training worker:
-    shard = ray.train.get_dataset_shard("train")
-    for batch in iter_batches(shard, cfg.data.batch_size, device, shuffle_buffer=cfg.data.shuffle_buffer):
+Training (on each worker; see `pipeline/data/stream.py` and `pipeline/data/plan.py`):
+    stream = TrainStream(cfg.data, chunks, rank=rank, world=world, batch=cfg.data.batch_size, first_epoch=e,
+                         epochs=cfg.train.epochs, consumed=position["consumed"])
+    for batch in stream.batches(epoch, device):
         losses = model(batch.images, batch.targets)       # batch.masks: (B, H, W) True = padding
+Evaluation / prediction (driver builds, Ray Train or Ray Data splits over workers):
+    ds = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    for batch in iter_batches(ray.train.get_dataset_shard("val"), 2, device): ...
 Without Ray (notebooks, the benchmark's baseline):
     loader = DataLoader(ShardDataset(cfg.data, "val", train=False), batch_size=2, collate_fn=collate_samples)
 
-Data flow: `read_parquet` over `<shards>/<split>/part-*.parquet` (file order shuffled per epoch for training)
--> streaming repartition into blocks of `map_batch_size` rows -> `map_batches(decode_augment)` in Ray tasks of
-1 CPU, at most `num_workers` at once -> rows of augmented uint8 CHW images + flat target columns
-(`AUGMENTED_SCHEMA`) -> `iter_batches` on the training worker: local shuffle buffer, then `collate` (pad,
-mask, normalise on the device after a uint8 copy), done here rather than by `iter_torch_batches`, which would
-concatenate the per-image target tensors.
-
-Epochs and seeds: Ray Data re-executes the dataset for every pass, and each completed execution advances the
-dataset's execution index. The augmentation epoch is `epoch_seed + execution index`, so a dataset handed once
-to a TorchTrainer augments differently in every epoch, reproducibly; after a resume at epoch k, build the
-dataset with `epoch_seed=k`. (Any other completed execution of the same Dataset object, e.g. `count()`, also
-advances the index.) An image's augmentation depends on (seed, epoch, image_id) only, not on the worker or
-rank that processes it, so it is the same in `ShardDataset` and under any world size. Rank is not part of
-the seed because Ray Data augments rows before `streaming_split` assigns them to ranks.
+Epochs and seeds: an image's augmentation depends on (seed, epoch, image_id) only, not on the worker or rank that
+processes it, so it is the same in `ShardDataset` and under any world size. The epoch is carried by the rows
+themselves (the plan's pieces), never read from Ray. Collate (pad, mask, normalise on the device after a uint8
+copy) is done here rather than by `iter_torch_batches`, which would concatenate the per-image target tensors.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from pipeline import storage
 from pipeline.data.collate import Batch, collate
-from pipeline.data.config import AugmentConfig, DataConfig
-from pipeline.data.transforms import DetectionTransform, build_transforms, prepare_sample, sample_seed
+from pipeline.data.config import DataConfig
+from pipeline.data.samples import AUGMENTED_SCHEMA, SHARD_COLUMNS, samples_to_table, table_to_samples
+from pipeline.data.stream import build_stream, one_pass_pieces, scan_chunks
+from pipeline.data.transforms import build_transforms, prepare_sample
+
+__all__ = ["AUGMENTED_SCHEMA", "SHARD_COLUMNS", "ShardDataset", "build_dataset", "iter_batches", "samples_to_table",
+           "shard_files", "table_to_samples"]
 
 if TYPE_CHECKING:
     import ray.data
-
-SHARD_COLUMNS = ["image_id", "width", "height", "image", "boxes", "labels", "iscrowd"]
-
-AUGMENTED_SCHEMA = pa.schema([
-    ("image_id", pa.int64()),
-    ("image", pa.binary()),                   # (3, height, width) uint8, C-order
-    ("height", pa.int32()),                   # augmented image, before batch padding (= target "size")
-    ("width", pa.int32()),
-    ("orig_height", pa.int32()),
-    ("orig_width", pa.int32()),
-    ("boxes", pa.list_(pa.float32())),        # N*4 cxcywh normalised by (width, height)
-    ("labels", pa.list_(pa.int64())),
-    ("iscrowd", pa.list_(pa.int8())),
-    ("scale_factor", pa.list_(pa.float32())),  # (sx, sy)
-])
-
 
 def shard_files(cfg: DataConfig, split: str) -> list[str]:
     """URIs of the split's shards: the manifest's file list for `split` if it has one (stale files of an
@@ -82,101 +60,17 @@ def shard_files(cfg: DataConfig, split: str) -> list[str]:
     return files
 
 
-@functools.lru_cache(maxsize=8)
-def _transform(aug: AugmentConfig, train: bool, eval_size: tuple[int, int]) -> DetectionTransform:
-    return build_transforms(aug, train=train, eval_size=eval_size)
-
-
-def samples_to_table(images: list[torch.Tensor], targets: list[dict[str, Any]]) -> pa.Table:
-    """Augmented (image (3, h, w) uint8, target) pairs -> a table of `AUGMENTED_SCHEMA`, a row per image."""
-    columns: dict[str, list[Any]] = {name: [] for name in AUGMENTED_SCHEMA.names}
-    for image, t in zip(images, targets):
-        columns["image_id"].append(t["image_id"])
-        columns["image"].append(image.contiguous().numpy().tobytes())
-        columns["height"].append(int(t["size"][0]))
-        columns["width"].append(int(t["size"][1]))
-        columns["orig_height"].append(int(t["orig_size"][0]))
-        columns["orig_width"].append(int(t["orig_size"][1]))
-        columns["boxes"].append(t["boxes"].reshape(-1).numpy())
-        columns["labels"].append(t["labels"].numpy())
-        columns["iscrowd"].append(t["iscrowd"].numpy().astype(np.int8))
-        columns["scale_factor"].append(t["scale_factor"].numpy())
-    return pa.table(columns, schema=AUGMENTED_SCHEMA)
-
-
-def table_to_samples(table: pa.Table) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
-    """Inverse of `samples_to_table`: ([(3, h, w) uint8 arrays], [target dicts of CPU tensors])."""
-    cols = {name: table.column(name).to_pylist() for name in AUGMENTED_SCHEMA.names}
-    images, targets = [], []
-    for i in range(table.num_rows):
-        h, w = cols["height"][i], cols["width"][i]
-        images.append(np.frombuffer(cols["image"][i], dtype=np.uint8).reshape(3, h, w))
-        targets.append({
-            "boxes": torch.tensor(cols["boxes"][i], dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor(cols["labels"][i], dtype=torch.int64),
-            "iscrowd": torch.tensor(cols["iscrowd"][i], dtype=torch.int64),
-            "image_id": int(cols["image_id"][i]),
-            "size": torch.tensor([h, w], dtype=torch.int64),
-            "orig_size": torch.tensor([cols["orig_height"][i], cols["orig_width"][i]], dtype=torch.int64),
-            "scale_factor": torch.tensor(cols["scale_factor"][i], dtype=torch.float32),
-        })
-    return images, targets
-
-
-def _execution_index() -> int:
-    """How many executions of this Dataset completed before the current one (0 outside Ray Data)."""
-    from ray.data import DataContext
-
-    return int(getattr(DataContext.get_current(), "_execution_idx", 0))
-
-
-def decode_augment(table: pa.Table, *, aug: AugmentConfig, train: bool, eval_size: tuple[int, int], seed: int,
-                   epoch_seed: int, drop_crowd: bool) -> pa.Table:
-    """Ray Data map_batches UDF (CPU): shard rows (SHARD_COLUMNS) -> augmented rows (AUGMENTED_SCHEMA)."""
-    transform = _transform(aug, train, tuple(eval_size))
-    epoch = epoch_seed + _execution_index()
-    images, targets = [], []
-    for row in table.select(SHARD_COLUMNS).to_pylist():
-        image, target = prepare_sample(row, transform, seed=seed, epoch=epoch, drop_crowd=drop_crowd)
-        images.append(image)
-        targets.append(target)
-    return samples_to_table(images, targets)
-
-
 def build_dataset(cfg: DataConfig, split: str, *, train: bool, epoch_seed: int = 0) -> ray.data.Dataset:
-    """Streaming dataset of augmented rows (AUGMENTED_SCHEMA) for `split`.
+    """Streaming dataset of one pass over `split`: augmented rows (AUGMENTED_SCHEMA), decoded by at most
+    `cfg.num_workers` tasks at once.
 
-    train=True: file order shuffled per epoch (seeded), the train augmentation of `cfg.augment`, crowd boxes
-    dropped if `cfg.drop_crowd`. train=False: files in order, the eval pipeline, crowd boxes kept (flagged).
+    train=True: the epoch `epoch_seed`'s order of row groups and rows and its train augmentation, crowd boxes
+    dropped if `cfg.drop_crowd` (training itself uses `TrainStream`, which spans epochs). train=False: row groups
+    in file order, the eval pipeline, crowd boxes kept (flagged). Iterating the dataset again repeats the pass.
     """
-    import ray.data
-
-    files = shard_files(cfg, split)
-    fs, _ = storage.get_pyarrow_fs(files[0])
-    paths = [storage.split_uri(u)[1] for u in files]
-    file_seed = sample_seed(cfg.seed, epoch_seed, -1) % 2**32
-    shuffle = ray.data.FileShuffleConfig(seed=file_seed) if train else None
-    ctx = ray.data.DataContext.get_current()
-    saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
-        # Ray 2.60's default V2 Parquet reader adds a ListFiles task of ~3 s to every execution, i.e. every
-        # epoch (measured here, 160 rows: 3-4 s per pass vs 0.2 s with V1); V1 also reads a task per file.
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=SHARD_COLUMNS, shuffle=shuffle)
-    finally:
-        ctx.use_datasource_v2 = saved
-    # A read block is a whole shard file (up to 128 MiB) and a map task takes whole blocks: cut them
-    # (streaming, no shuffle) into `map_batch_size` rows so decode + augment spreads over all `num_workers`
-    # and the first batch arrives after one small task, not after a whole shard.
-    ds = ds.repartition(target_num_rows_per_block=cfg.map_batch_size)
-    return ds.map_batches(
-        decode_augment,  # type: ignore[arg-type]  # Ray types the UDF without keyword-only fn_kwargs
-        batch_size=cfg.map_batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=cfg.num_workers),
-        num_cpus=1,
-        fn_kwargs={"aug": cfg.augment, "train": train, "eval_size": tuple(cfg.eval_size), "seed": cfg.seed,
-                   "epoch_seed": epoch_seed, "drop_crowd": cfg.drop_crowd and train},
-    )
+    chunks = scan_chunks(shard_files(cfg, split))
+    pieces = one_pass_pieces(chunks, seed=cfg.seed, epoch=epoch_seed, shuffle=train)
+    return build_stream(cfg, chunks, pieces, train=train, workers=cfg.num_workers, ordered=False)
 
 
 def iter_batches(data: Any, batch_size: int, device: torch.device | str | None = None, *,

@@ -177,7 +177,8 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.data.loader import build_dataset
+    from pipeline.data.loader import build_dataset, shard_files
+    from pipeline.data.stream import scan_chunks
     from pipeline.eval.val_split import lossless_val_config
     from pipeline.tracking import mlflow_tracking as mt
     from pipeline.train.loop import DEBUG_ENV, train_loop_per_worker
@@ -193,11 +194,13 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
     job = with_fed_loss_counts(with_manifest_classes(job, manifest), manifest)
     has_val = has_split(job, manifest, job.data.val_split)
     storage_path = job.storage_path or work_path(job, "ray_results")
-    # Augmentation epochs count from the epoch a resumed run restarts in (see pipeline.data.loader).
     start_epoch = resume_epoch(storage_path, job.run_name)
     if start_epoch:
         print(f"[train] run {job.run_name} has a checkpoint in epoch {start_epoch}: resuming")
-    datasets = {"train": build_dataset(job.data, job.data.train_split, train=True, epoch_seed=start_epoch)}
+    # Training data: each worker streams its own slice of every epoch's plan (pipeline/data/stream.py); the driver
+    # only lists the row groups (Parquet footers). Evaluation data goes through Ray Train's split as before.
+    train_chunks = scan_chunks(shard_files(job.data, job.data.train_split))
+    datasets = {}
     if has_val:
         datasets["val"] = build_dataset(job.data, job.data.val_split, train=False)
 
@@ -215,6 +218,7 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
         "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
         "debug_env": {k: v for k, v in os.environ.items() if k in DEBUG_ENV},  # test knobs, see loop.py
         "run_dir": _run_dir_uri(storage_path, job.run_name),  # where resume looks for unregistered checkpoints
+        "train_chunks": train_chunks.to_dict(),  # the training split's row groups: every worker plans from them
     }
     fs, path = (None, storage_path)
     if "://" in storage_path and not storage.is_local(storage_path):

@@ -2,10 +2,12 @@
 
 Ray-specific lines are few and marked `# Ray:`. Everything else is plain PyTorch (see `steps.py`).
 
-Data position: the checkpoint stores the image ids consumed so far in the running epoch (gathered from every
-worker). A resumed run skips exactly those ids for the rest of that epoch, so no image is replayed or skipped
-beyond the last checkpoint interval, whatever order Ray Data streams the rows in. Workers stay in lockstep (DDP)
-by agreeing each micro-step whether every worker still has a batch.
+Data position: every worker reads its slice of a deterministic epoch order (`pipeline/data/plan.py`) through one
+Ray Data stream for all its epochs (`pipeline/data/stream.py`), so the rows trained so far are a prefix of each
+slice. The checkpoint stores the epoch's consumed rows as a few intervals (`state["data_position"]`); a resumed
+run, with any world size, reads the rest of the epoch and nothing else: no image is replayed or skipped beyond the
+last checkpoint interval, and the skipped rows are never read or decoded. Workers stay in lockstep (DDP) by
+agreeing each micro-step whether every worker still has a batch (they have equal counts by construction).
 
 Test / debug knobs (environment variables of the driver, forwarded to the workers in the loop config, or of the
 workers themselves):
@@ -20,7 +22,6 @@ workers themselves):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -55,31 +56,17 @@ def _gather_all(ids: list[int], world: int) -> list[int]:
     return [i for part in pcoll.all_gather_objects(list(ids)) for i in part]
 
 
-def _gather_ids(ids: list[int], world: int) -> list[int]:
-    return sorted(set(_gather_all(ids, world)))
-
-
-def _drop_seen(batch: Any, seen: set[int]) -> Any | None:
-    """Remove images already consumed (resume mid-epoch) from a batch; None if nothing is left."""
-    if not seen:
-        return batch
-    keep = [i for i, t in enumerate(batch.targets) if int(t["image_id"]) not in seen]
-    if not keep:
-        return None
-    if len(keep) == len(batch.targets):
-        return batch
-    return dataclasses.replace(batch, images=batch.images[keep], masks=batch.masks[keep],
-                               targets=[batch.targets[i] for i in keep])
-
-
-def _next_unseen(batches: Any, seen: set[int]) -> Any | None:
-    """The next batch of the iterator `batches` without the images in `seen` (batches left empty are skipped);
-    None when `batches` is exhausted."""
-    for batch in batches:
-        kept = _drop_seen(batch, seen)
-        if kept is not None:
-            return kept
-    return None
+def _data_position(state: dict[str, Any], chunks: Any, log: Any) -> list[tuple[int, int]]:
+    """The consumed S-intervals of the running epoch from a checkpoint's state, [] at an epoch start. A position
+    of another epoch or shard layout, or an older checkpoint's id list, restarts the epoch (with a warning)."""
+    pos = state.get("data_position") or {}
+    if pos.get("epoch") == state["epoch"] and pos.get("chunks") == chunks.fingerprint():
+        return [tuple(iv) for iv in pos.get("consumed", [])]
+    if pos.get("consumed") or state.get("seen_ids"):
+        log(f"[train] WARNING the checkpoint's data position (epoch {pos.get('epoch')}, layout {pos.get('chunks')}) "
+            f"does not match epoch {state['epoch']} of these shards ({chunks.fingerprint()}): the epoch restarts "
+            f"from its first image")
+    return []
 
 
 DEBUG_ENV = ("CODETR_FAULT_AT_STEP", "CODETR_FAULT_MARKER", "CODETR_TRACE_IDS", "CODETR_RECORD_COLLECTIVES",
@@ -154,7 +141,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from pipeline.config import JobConfig, dump_yaml, from_dict
-    from pipeline.data.loader import iter_batches
+    from pipeline.data.plan import ChunkTable
+    from pipeline.data.stream import TrainStream
     from pipeline.eval.evaluator import evaluate_distributed
     from pipeline.models import build_model
     from pipeline.train.init import init_weights
@@ -169,7 +157,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(tcfg.seed, 0, rank)
 
     model = build_model(job.model)
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "seen_ids": [], "best_ap": -1.0}
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "data_position": {}, "best_ap": -1.0}
     optimizer = build_optimizer(model, tcfg)
     ema = build_ema(model, tcfg.ema_decay) if tcfg.ema else None
 
@@ -190,8 +178,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if ema is not None and os.path.exists(os.path.join(d, ckpt_io.EMA)):
                 restore_ema(ema, torch.load(os.path.join(d, ckpt_io.EMA), map_location="cpu"),
                             state.get("ema_n_averaged", 1))  # older checkpoints: at least "averaged once"
+            consumed = sum(hi - lo for lo, hi in (state.get("data_position") or {}).get("consumed", []))
             resume_log(f"[train] resumed from checkpoint at epoch {state['epoch']} step {state['step']} "
-                       f"({len(state['seen_ids'])} images of that epoch already seen)")
+                       f"({consumed} images of that epoch already trained)")
     # every rank walked the run directory itself: a rank that took another checkpoint would desynchronise the steps
     resumed_steps = pcoll.all_gather_objects(state["step"] if resumed else -1)
     if len(set(resumed_steps)) > 1:
@@ -216,15 +205,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         print(f"[train] {world} worker(s) x batch {per_worker} x accumulation {accum} = "
               f"{per_worker * world * accum} images per step (configured {tcfg.total_batch_size})")
-    train_shard = ray.train.get_dataset_shard("train")  # Ray:
+    chunks = ChunkTable.from_dict(config["train_chunks"])
+    stream = TrainStream(job.data, chunks, rank=rank, world=world, batch=per_worker, first_epoch=state["epoch"],
+                         epochs=tcfg.epochs, consumed=_data_position(state, chunks, resume_log))
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None  # Ray:
     tracker = _Tracker(config, rank)
     progress = eval_artifacts.progress_for(job, per_worker, world, accum)
     config_yaml = dump_yaml(job)
 
     def save_and_report(metrics: dict[str, float], epoch_done: bool) -> None:
-        seen_all = [] if epoch_done else _gather_ids(seen_local, world)
-        trainer_state = {**state, "seen_ids": seen_all, "world_size": world,
+        position = (stream.position(state["epoch"], 0) if epoch_done  # the next epoch, from its start
+                    else stream.position(state["epoch"], rows_done))
+        trainer_state = {**state, "data_position": position, "world_size": world,
                          "ema_n_averaged": ema_checkpoint(ema)[1] if ema is not None else 0,
                          "mlflow_run_id": config.get("mlflow_run_id", "")}
         checkpoint, tmp = None, None
@@ -249,17 +241,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while not done and state["epoch"] < tcfg.epochs:
         epoch = state["epoch"]
         seed_everything(tcfg.seed, epoch, rank)
-        seen = set(state["seen_ids"])
-        seen_local: list[int] = list(state["seen_ids"]) if rank == 0 else []
-        stats, micro = StepStats(), 0
+        stats, micro, rows_done = StepStats(), 0, 0
         step_ids: list[int] = []
         ddp_model.train()
-        batches = iter_batches(train_shard, per_worker, device, size_divisor=job.data.size_divisor,
-                               shuffle_buffer=job.data.shuffle_buffer, prefetch_batches=job.data.prefetch_batches,
-                               shuffle_seed=(tcfg.seed * 1_000_003 + epoch * 1009 + rank) % (2**31))
+        batches = stream.batches(epoch, device, size_divisor=job.data.size_divisor)
         t_wait = time.perf_counter()
         while True:
-            batch = _next_unseen(batches, seen)
+            batch = next(batches, None)
             if not pcoll.all_agree(batch is not None):  # every rank still has a batch (DDP lockstep)
                 break
             t0 = time.perf_counter()
@@ -271,7 +259,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 step=state["step"], nonfinite=tcfg.nonfinite, no_sync=(micro + 1) % accum != 0,
                 poison=poison_step == state["step"] + 1)
             micro += 1
-            seen_local.extend(int(t["image_id"]) for t in batch.targets)
+            rows_done += len(batch.targets)  # the same on every rank (equal slices, lockstep)
             if trace_path:
                 step_ids.extend(int(t["image_id"]) for t in batch.targets)
             if losses is None:
@@ -310,13 +298,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
         if micro % accum:  # the epoch ended inside an accumulation cycle: drop that partial gradient (drop_last)
             optimizer.zero_grad(set_to_none=True)
-        # Stopped by max_steps inside the epoch: the checkpoint keeps the running epoch and its seen images, so a
+        # Stopped by max_steps inside the epoch: the checkpoint keeps the running epoch and its position, so a
         # later run with a larger max_steps continues this epoch instead of skipping the rest of it.
         epoch_done = not done
         if epoch_done:
             state["epoch"] = epoch + 1
-            state["seen_ids"] = []
-            seen_local = []
         metrics: dict[str, float] = {}
         last = done or state["epoch"] >= tcfg.epochs
         if val_shard is not None and (last or state["epoch"] % job.eval.every_epochs == 0):
@@ -331,6 +317,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state["best_ap"] = max(state["best_ap"], metrics.get("val/AP", -1.0))
         tracker.log(metrics, state["step"])
         save_and_report(metrics, epoch_done=epoch_done)
+    stream.close()
     tracker.close()
 
 
