@@ -73,7 +73,8 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, tmp_pat
     # Stopped by max_steps inside epoch 1 (0-based): the final checkpoint holds that data position.
     state = load_optional(res.checkpoint_uri, "trainer_state.json")
     assert state["step"] == 6 and state["epoch"] == 1
-    assert sorted(position_ids(job, state)) == sorted(i for line in lines if line["step"] in (5, 6) for i in line["ids"])
+    steps_5_6 = [i for line in lines if line["step"] in (5, 6) for i in line["ids"]]
+    assert sorted(position_ids(job, state)) == sorted(steps_5_6)
 
     pids = list(dict.fromkeys(line["pid"] for line in lines))
     assert len(pids) == 2, f"expected one restart, got attempts {pids}"
