@@ -124,7 +124,7 @@ def main() -> None:
         model.load_state_dict(state, strict=True, assign=True)  # the strict load itself
         state = {k: v.contiguous() for k, v in state.items()}
 
-        trainer_state = {"epoch": 0, "step": 0, "seen_ids": [], "best_ap": -1.0, "imported_from": args.src,
+        trainer_state = {"epoch": 0, "step": 0, "data_position": {}, "best_ap": -1.0, "imported_from": args.src,
                          "import": conv.summary(),
                          "source_meta": {k: str(meta[k])[:200] for k in ("mmdet_version", "epoch", "iter")
                                          if k in meta}}  # fmt: skip

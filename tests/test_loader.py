@@ -197,3 +197,31 @@ def test_shards_on_s3(ray_local, s3_bucket):
     rows = rows_by_id(build_dataset(config(root), "train", train=False))
     assert sorted(rows) == sorted(IMAGES)
     assert len(ShardDataset(config(root), "train", train=False)) == len(IMAGES)
+
+
+def test_train_stream_two_workers_resume_reads_only_the_rest(ray_local, shards):
+    """Two workers' streams over two epochs: equal counts, each epoch every image once (6 = 2 x 3); a checkpoint
+    after one batch each and a resume with one worker: the resumed stream's plan holds only the 4 other images
+    (nothing skipped is read), and epoch 1 is complete again."""
+    cfg = config(shards)
+    chunks = scan_chunks(shard_files(cfg, "train"))
+    streams = [TrainStream(cfg, chunks, rank=r, world=2, batch=1, first_epoch=0, epochs=2) for r in range(2)]
+    assert [s.batches_in(0) for s in streams] == [3, 3]
+    its = [s.batches(0) for s in streams]
+    first = [next(it).targets[0]["image_id"] for it in its]  # one step of batch 1 on each worker
+    position = streams[0].position(0, rows_done=1)
+    assert position == streams[1].position(0, rows_done=1)  # no communication needed
+    rest0 = [t["image_id"] for it in its for b in it for t in b.targets]
+    assert sorted(first + rest0) == sorted(IMAGES)
+    epoch1 = [t["image_id"] for s in streams for b in s.batches(1) for t in b.targets]
+    assert sorted(epoch1) == sorted(IMAGES)
+    for s in streams:
+        s.close()
+
+    resumed = TrainStream(cfg, chunks, rank=0, world=1, batch=1, first_epoch=0, epochs=2,
+                          consumed=position["consumed"])
+    assert int((resumed.pieces[resumed.pieces[:, 0] == 0, 3] - resumed.pieces[resumed.pieces[:, 0] == 0, 2]).sum()) == 4
+    again = [t["image_id"] for b in resumed.batches(0) for t in b.targets]
+    assert sorted(again) == sorted(rest0) and not set(again) & set(first)
+    assert sorted(t["image_id"] for b in resumed.batches(1) for t in b.targets) == sorted(IMAGES)
+    resumed.close()
