@@ -158,6 +158,6 @@ def test_shard_read_survives_store_outage(ray_local, moto, tmp_path):
     want = train_image_ids(os.path.join(str(tmp_path), "shards", "*", "train", "part-*.parquet"))
     assert sorted(r["image_id"] for r in rows) == want  # every row, none twice
     assert ray.is_initialized()
-    cost_line("object store down during shard read", "moto stopped 6 s during Ray Data read_parquet",
+    cost_line("object store down during shard read", "moto stopped 6 s during the Ray Data shard read",
               "read retried (pyarrow + Ray Data retried_io_errors), all rows once", rows_lost=0, rows_twice=0,
               seconds_waited=round(took, 1))

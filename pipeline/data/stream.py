@@ -69,11 +69,13 @@ def _transform(aug: AugmentConfig, train: bool, eval_size: tuple[int, int]) -> D
     return build_transforms(aug, train=train, eval_size=eval_size)
 
 
-def read_piece(chunks: ChunkTable, chunk: int, lo: int, hi: int, *, seed: int, epoch: int,
-               shuffle: bool) -> pa.Table:
-    """Rows lo..hi-1 (in the epoch's order of the chunk) of chunk `chunk`, columns SHARD_COLUMNS."""
+def read_piece(chunks: ChunkTable, chunk: int, lo: int, hi: int, *, seed: int, epoch: int, shuffle: bool,
+               filesystem: Any = None) -> pa.Table:
+    """Rows lo..hi-1 (in the epoch's order of the chunk) of chunk `chunk`, columns SHARD_COLUMNS. `filesystem`:
+    the pyarrow filesystem of the shards (default: resolved here from the URI and this process's environment)."""
     uri = chunks.files[int(chunks.file_index[chunk])]
     fs, path = storage.get_pyarrow_fs(uri)
+    fs = filesystem or fs
     with fs.open_input_file(path) as f:
         table = pq.ParquetFile(f).read_row_group(int(chunks.group[chunk]), columns=SHARD_COLUMNS)
     if table.num_rows != int(chunks.rows[chunk]):
@@ -83,14 +85,15 @@ def read_piece(chunks: ChunkTable, chunk: int, lo: int, hi: int, *, seed: int, e
     return table.take(pa.array(order[lo:hi]))
 
 
-def read_decode(batch: pa.Table, *, pieces: np.ndarray, chunks: ChunkTable, aug: AugmentConfig, train: bool,
-                eval_size: tuple[int, int], seed: int, drop_crowd: bool, rows_per_block: int) -> Iterator[pa.Table]:
+def read_decode(batch: pa.Table, *, pieces: np.ndarray, chunks: ChunkTable, filesystem: Any, aug: AugmentConfig,
+                train: bool, eval_size: tuple[int, int], seed: int, drop_crowd: bool, rows_per_block: int
+                ) -> Iterator[pa.Table]:
     """Ray Data map_batches UDF (CPU, generator): piece ids (column "id") -> augmented rows (AUGMENTED_SCHEMA
     + "epoch"), a block per `rows_per_block` images so the consumer gets the first ones early."""
     transform = _transform(aug, train, tuple(eval_size))
     for k in batch.column("id").to_pylist():
         epoch, chunk, lo, hi = (int(v) for v in pieces[k])
-        rows = read_piece(chunks, chunk, lo, hi, seed=seed, epoch=epoch, shuffle=train)
+        rows = read_piece(chunks, chunk, lo, hi, seed=seed, epoch=epoch, shuffle=train, filesystem=filesystem)
         for start in range(0, rows.num_rows, rows_per_block):
             images, targets = [], []
             for row in rows.slice(start, rows_per_block).to_pylist():
@@ -101,13 +104,16 @@ def read_decode(batch: pa.Table, *, pieces: np.ndarray, chunks: ChunkTable, aug:
 
 
 def build_stream(cfg: DataConfig, chunks: ChunkTable, pieces: np.ndarray, *, train: bool, workers: int,
-                 ordered: bool) -> ray.data.Dataset:
+                 ordered: bool, filesystem: Any = None) -> ray.data.Dataset:
     """Dataset of augmented rows for `pieces` ((m, 4) int64 rows epoch, chunk, lo, hi), decoded by at most
     `workers` tasks of 1 CPU at once; `ordered`: rows come out in the pieces' order (the dataset's own context,
-    not the process-wide one)."""
+    not the process-wide one). `filesystem` (default: resolved here) is pickled into the tasks, so they reach the
+    store this process resolved (its endpoint and retry policy), not what their own environment says."""
     import ray.data
 
     pieces = np.ascontiguousarray(pieces, dtype=np.int64).reshape(-1, 4)
+    if filesystem is None:
+        filesystem = storage.get_pyarrow_fs(chunks.files[0])[0]
     if not len(pieces):
         raise ValueError("no rows to read: the plan is empty (fewer rows than workers x batch size?)")
     ds = ray.data.range(len(pieces), override_num_blocks=len(pieces))
@@ -118,7 +124,7 @@ def build_stream(cfg: DataConfig, chunks: ChunkTable, pieces: np.ndarray, *, tra
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=max(1, workers)),
         num_cpus=1,
-        fn_kwargs={"pieces": pieces, "chunks": chunks, "aug": cfg.augment, "train": train,
+        fn_kwargs={"pieces": pieces, "chunks": chunks, "filesystem": filesystem, "aug": cfg.augment, "train": train,
                    "eval_size": tuple(cfg.eval_size), "seed": cfg.seed, "drop_crowd": cfg.drop_crowd and train,
                    "rows_per_block": cfg.map_batch_size},
     )
@@ -148,12 +154,15 @@ class TrainStream:
     """A training worker's rows for the rest of the run, one Ray Data execution for all its epochs.
 
     `consumed`: S-intervals of `first_epoch` already trained (from the checkpoint's position), [] at an epoch start.
+    `filesystem`: the shards' pyarrow filesystem as the driver resolved it (default: resolved on this worker).
     Every worker of the same world gets the same number of batches per epoch (`batches_in`).
     """
 
     def __init__(self, cfg: DataConfig, chunks: ChunkTable, *, rank: int, world: int, batch: int,
-                 first_epoch: int, epochs: int, consumed: Sequence[tuple[int, int]] = ()) -> None:
+                 first_epoch: int, epochs: int, consumed: Sequence[tuple[int, int]] = (), filesystem: Any = None
+                 ) -> None:
         self.cfg, self.chunks, self.rank, self.world, self.batch = cfg, chunks, rank, world, batch
+        self.filesystem = filesystem
         self.first_epoch, self.last_epoch = first_epoch, epochs
         self.consumed: dict[int, Intervals] = {first_epoch: [tuple(iv) for iv in consumed]}  # type: ignore[misc]
         self._rows: dict[int, int] = {}
@@ -190,7 +199,8 @@ class TrainStream:
 
     def _open(self) -> Iterator[tuple[int, pa.Table]]:
         workers = max(1, self.cfg.num_workers // self.world)
-        ds = build_stream(self.cfg, self.chunks, self.pieces, train=True, workers=workers, ordered=True)
+        ds = build_stream(self.cfg, self.chunks, self.pieces, train=True, workers=workers, ordered=True,
+                          filesystem=self.filesystem)
         tables = ds.iter_batches(batch_size=self.batch, batch_format="pyarrow", drop_last=False,
                                  prefetch_batches=self.cfg.prefetch_batches)
         return iter_epoch_batches(iter(tables))

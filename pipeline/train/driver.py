@@ -219,6 +219,8 @@ def run_stage(job: JobConfig, register: bool = True, callbacks: list | None = No
         "debug_env": {k: v for k, v in os.environ.items() if k in DEBUG_ENV},  # test knobs, see loop.py
         "run_dir": _run_dir_uri(storage_path, job.run_name),  # where resume looks for unregistered checkpoints
         "train_chunks": train_chunks.to_dict(),  # the training split's row groups: every worker plans from them
+        # the shards' filesystem as resolved here (endpoint, retries), pickled to the workers and their read tasks
+        "train_filesystem": storage.get_pyarrow_fs(train_chunks.files[0])[0],
     }
     fs, path = (None, storage_path)
     if "://" in storage_path and not storage.is_local(storage_path):

@@ -207,7 +207,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
               f"{per_worker * world * accum} images per step (configured {tcfg.total_batch_size})")
     chunks = ChunkTable.from_dict(config["train_chunks"])
     stream = TrainStream(job.data, chunks, rank=rank, world=world, batch=per_worker, first_epoch=state["epoch"],
-                         epochs=tcfg.epochs, consumed=_data_position(state, chunks, resume_log))
+                         epochs=tcfg.epochs, consumed=_data_position(state, chunks, resume_log),
+                         filesystem=config.get("train_filesystem"))
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None  # Ray:
     tracker = _Tracker(config, rank)
     progress = eval_artifacts.progress_for(job, per_worker, world, accum)
