@@ -74,7 +74,7 @@ def shards(tmp_path_factory) -> str:
 
 def config(root: str, **kw) -> DataConfig:
     return DataConfig(shards=root, batch_size=2, num_workers=2, map_batch_size=2, augment=TINY_AUGMENT,
-                      eval_size=(64, 128), shuffle_buffer=0, **kw)
+                      eval_size=(64, 128), **kw)
 
 
 def rows_by_id(ds) -> dict[int, tuple[np.ndarray, dict]]:

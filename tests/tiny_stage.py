@@ -7,6 +7,6 @@ augmentation, evaluation only at the end on 2 images, one worker with one CPU.
 TINY_STAGE = [
     "synthetic.images=8", "synthetic.val_images=2", "synthetic.classes=3", "synthetic.image_size=[64,96]",
     "data.augment.policy=none", "data.batch_size=1", "data.num_workers=1", "data.map_batch_size=4",
-    "data.shuffle_buffer=0", "train.total_batch_size=2", "train.log_every_steps=1", "train.epochs=10",
+    "train.total_batch_size=2", "train.log_every_steps=1", "train.epochs=10",
     "eval.every_epochs=100", "eval.max_images=2", "scaling.num_workers=1", "scaling.cpus_per_worker=1",
 ]

@@ -92,18 +92,19 @@ class DataConfig:
     batch_size: int = 2
     """Images per training worker and step (the authors: 2 per GPU, 16 in total)."""
     num_workers: int = 2
-    """CPU workers that decode + augment: Ray Data task-pool size (or torch DataLoader workers)."""
+    """CPU tasks that read + decode + augment at once, for the whole run: each of W training workers streams its
+    slice with num_workers // W of them (at least 1); evaluation and prediction use num_workers (or torch
+    DataLoader workers)."""
     map_batch_size: int = 8
-    """Rows per decode + augment call (Ray Data map_batches batch size)."""
+    """Rows per block a decode task yields (the first images of a row group reach training after this many)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     eval_size: tuple[int, int] = (800, 1333)
     """Eval keep-ratio resize (shorter side, longest-side limit) for the detr policy."""
     size_divisor: int = 1
     """Pad each batch to a multiple of this (the authors: 1; some recipes 32)."""
     seed: int = 0
-    """Run seed; augmentation and file order derive from (seed, epoch, image_id)."""
-    shuffle_buffer: int = 16
-    """Rows in the local shuffle buffer of each training worker (0: off). Rows are decoded images."""
+    """Run seed; augmentation derives from (seed, epoch, image_id), the order of row groups and of the rows inside
+    each from (seed, epoch) (`pipeline/data/plan.py`; it replaces the earlier local shuffle buffer)."""
     drop_crowd: bool = True
     """Drop iscrowd=1 boxes from training targets (the authors keep them out as `gt_bboxes_ignore`, which the
     DETR-style heads never read). Eval targets keep them, flagged by `iscrowd`."""
@@ -114,8 +115,6 @@ class DataConfig:
         for name in ("batch_size", "num_workers", "map_batch_size", "size_divisor", "prefetch_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.shuffle_buffer < 0:
-            raise ValueError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer!r}")
         if self.seed < 0:
             raise ValueError(f"data.seed must be >= 0, got {self.seed!r}")
         short, long = self.eval_size
