@@ -115,8 +115,12 @@ print("RESULT " + json.dumps({"wall_s": wall, "images": m.splits["train"].num_im
 
 
 def run_build(code: str, ann: str, images: str, out: str, parallel: bool, num_cpus: int) -> dict:
+    # PYTHONPATH and cwd, not only the runner's sys.path: Ray's worker processes inherit the environment and put
+    # the driver's working directory first on their path; otherwise they would import this checkout's (or the
+    # installed) `pipeline`, not `code`'s
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run([sys.executable, "-c", _RUNNER, code, ann, images, out, "1" if parallel else "0",
-                           str(num_cpus)], capture_output=True, text=True)
+                           str(num_cpus)], capture_output=True, text=True, env=env, cwd=code)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"build failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
