@@ -19,6 +19,7 @@ import dataclasses
 import os
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -33,6 +34,14 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the config tree (one-line message)."""
+
+
+# Keys that earlier versions wrote into saved configs (a checkpoint's config.yaml, MLflow run artifacts, Tune's
+# best_config.yaml) and that no longer exist: read with a warning and ignored, so old checkpoints and runs still
+# load. (class, key) -> why it went.
+RETIRED_KEYS: dict[tuple[type, str], str] = {
+    (DataConfig, "shuffle_buffer"): "the epoch plan orders the rows of each row group (pipeline/data/plan.py)",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,6 +153,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
         raise ConfigError(f"{path or '<root>'}: expected a mapping, got {data!r}")
     hints = _hints(cls)
     keys = _keys(cls)
+    for k in [k for k in data if (cls, k) in RETIRED_KEYS]:
+        warnings.warn(f"config key '{f'{path}.{k}' if path else k}' is no longer used and was ignored: "
+                      f"{RETIRED_KEYS[(cls, k)]}", stacklevel=2)
+        data = {key: v for key, v in data.items() if key != k}
     unknown = [k for k in data if k not in keys]
     if unknown:
         where = f"{path}.{unknown[0]}" if path else str(unknown[0])

@@ -119,3 +119,15 @@ def test_keyword_field_alias():
     cfg = load(WithInit, None, ["init.from=models:/codetr-o365@latest"])
     assert cfg.init.from_ == "models:/codetr-o365@latest"
     assert yaml.safe_load(dump_yaml(cfg)) == {"init": {"from": "models:/codetr-o365@latest"}}
+
+
+def test_retired_key_of_a_saved_config_warns_and_is_ignored():
+    """A checkpoint's config.yaml written before `data.shuffle_buffer` was removed still loads."""
+    from pipeline.config import JobConfig
+
+    saved = {"name": "old-run", "data": {"batch_size": 3, "shuffle_buffer": 16}}
+    with pytest.warns(UserWarning, match=r"config key 'data\.shuffle_buffer' is no longer used"):
+        job = from_dict(JobConfig, saved)
+    assert job.name == "old-run" and job.data.batch_size == 3
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.shuffle_bufer'"):
+        from_dict(JobConfig, {"data": {"shuffle_bufer": 16}})
