@@ -193,3 +193,22 @@ def test_detections_cap_and_concat():
         Detections.concat([d, d])
     with pytest.raises(ValueError, match="labels span 0..3, expected 0..1"):
         d.coco_results([10, 11])
+
+
+@pytest.mark.parametrize("protocol", ["coco", "lvis"])
+def test_scoring_in_category_chunks_equals_one_pass(protocol):
+    """Chunks of whole categories (down to one category per chunk) give the same metrics (==) as one pass."""
+    from pipeline.eval.coco_eval import category_chunks
+
+    rows, cats, preds = make_case(5, n_images=30, extra_fp=6)
+    gt = coco_gt_from_rows(rows, cats)
+    results = Detections.from_predictions([(r["image_id"], p) for r, p in zip(rows, preds)], 20).coco_results(
+        [c["id"] for c in cats])
+    cat_ids = sorted(c["id"] for c in cats)
+    one = evaluate_boxes(gt, results, protocol, 20, chunk_detections=len(results))
+    assert len(category_chunks(results[:, 6], cat_ids, len(results))) == 1
+    for limit in (1, len(results) // 3):
+        chunks = category_chunks(results[:, 6], cat_ids, limit)
+        assert [c for ch in chunks for c in ch] == cat_ids and len(chunks) > 1
+        assert evaluate_boxes(gt, results, protocol, 20, chunk_detections=limit) == one
+    assert 0.05 < one["AP"] < 0.95

@@ -4,9 +4,15 @@
     results = Detections.from_predictions(pairs, 100).coco_results(cat_ids)  # (N, 7) [image, xywh, score, cat]
     metrics = evaluate_boxes(gt, results, protocol="coco")                # {"AP": ..., "AP50": ..., ...}
 
-Detections reach faster-coco-eval as one (N, 7) float64 array (`COCO.loadRes(ndarray)`), already capped to
-`max_dets` per image by the workers (`pipeline.eval.detections`); the library itself still holds a dict per
-detection while scoring (~1 KB each: budget ~8 GB on rank 0 for 80,000 images x 100 detections).
+Detections reach faster-coco-eval as (N, 7) float64 arrays (`COCO.loadRes(ndarray)`), already capped to
+`max_dets` per image by the workers (`pipeline.eval.detections`). The library turns each detection into a dict
+and holds ~6 KB per detection while scoring, so the detections are scored in chunks of whole categories of at
+most `chunk_detections` (one category may exceed it alone). Per category, COCO's and LVIS's matching, precision
+and recall involve only that category's detections (the per-image cap is already applied), so the accumulated
+precision / recall arrays of the chunks, concatenated along the category axis in sorted category order, are
+the arrays of one unchunked evaluation, and the library's own `summarize` turns them into the same metrics
+(tested with ==). Peak memory: the ground truth plus one chunk, ~1.5 GB, instead of ~47 GB for 80,000 images
+x 100 detections in one pass (extrapolated from `bench/eval_score_memory.py`).
 
 LVIS rules (`protocol="lvis"`): detections of a category listed in an image's `neg_category_ids` count as false
 positives, detections of categories in `not_exhaustive_category_ids` are ignored when unmatched, categories that are
@@ -33,13 +39,36 @@ def default_max_dets(protocol: str, max_dets: int | None = None) -> int:
     return max_dets or (300 if protocol == "lvis" else 100)
 
 
+# Detections per scoring chunk: faster-coco-eval holds ~6 KB per detection while scoring (2.3 GB for 400,000 in
+# one pass, `bench/eval_score_memory.py`), so ~1.5 GB per chunk on top of the ground truth.
+CHUNK_DETECTIONS = 250_000
+
+
+def category_chunks(categories: np.ndarray, cat_ids: Sequence[int], limit: int) -> list[list[int]]:
+    """`cat_ids` (sorted) cut into consecutive runs holding at most `limit` of the detections whose category ids
+    are `categories` (N,), a run of one category where that category alone has more."""
+    counts = dict(zip(*np.unique(categories.astype(np.int64), return_counts=True)))
+    chunks: list[list[int]] = [[]]
+    held = 0
+    for c in cat_ids:
+        n = int(counts.get(c, 0))
+        if chunks[-1] and held + n > limit:
+            chunks.append([])
+            held = 0
+        chunks[-1].append(int(c))
+        held += n
+    return chunks
+
+
 def evaluate_boxes(
-    gt: dict[str, Any], results: np.ndarray, protocol: str = "coco", max_dets: int | None = None
+    gt: dict[str, Any], results: np.ndarray, protocol: str = "coco", max_dets: int | None = None,
+    chunk_detections: int = CHUNK_DETECTIONS,
 ) -> dict[str, float]:
     """Box AP of `results` against the COCO-format ground truth `gt`. Values in [0, 1]; -1 where undefined.
 
     results: (N, 7) rows [image_id, x, y, w, h, score, category_id] (source pixels, source category ids), at
-    most `max_dets` per image (`Detections.capped`), every image_id in `gt`."""
+    most `max_dets` per image (`Detections.capped`), every image_id in `gt`. Scored in chunks of whole
+    categories of at most `chunk_detections` detections (module docstring)."""
     from faster_coco_eval import COCO, COCOeval_faster
 
     if protocol not in ("coco", "lvis"):
@@ -59,11 +88,27 @@ def evaluate_boxes(
         if not len(results):
             keys = COCO_KEYS[:9] + ["AR1", "AR10", f"AR{max_dets}"] + (LVIS_EXTRA if lvis else [])
             return {k: 0.0 for k in keys}
-        coco_dt = coco_gt.loadRes(np.ascontiguousarray(results, dtype=np.float64))
-        ev = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", lvis_style=lvis, print_function=lambda *a: None)
-        ev.params.maxDets = [1, 10, max_dets]
-        ev.evaluate()
-        ev.accumulate()
+        cat_ids = sorted({int(c["id"]) for c in gt["categories"]})
+        parts: dict[str, list[np.ndarray]] = {"precision": [], "recall": [], "scores": []}
+        for chunk in category_chunks(results[:, 6], cat_ids, chunk_detections):
+            sel = results[np.isin(results[:, 6], chunk)]
+            coco_dt = coco_gt.loadRes(np.ascontiguousarray(sel, dtype=np.float64).reshape(-1, 7))
+            ev = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", lvis_style=lvis, print_function=lambda *a: None)
+            ev.params.catIds = chunk
+            ev.params.maxDets = [1, 10, max_dets]
+            ev.evaluate()
+            ev.accumulate()
+            for key, arrays in parts.items():
+                if key in ev.eval:
+                    arrays.append(ev.eval[key])
+            del coco_dt, sel
+        # the last chunk's evaluator summarises every category: its arrays replaced by the concatenation along
+        # the category axis (precision / scores: T x R x K x A x M; recall: T x K x A x M)
+        ev.params.catIds = cat_ids
+        ev.eval = {**ev.eval, **{k: np.concatenate(v, axis=1 if k == "recall" else 2) for k, v in parts.items() if v}}
+        if lvis:  # category indices per frequency label, as the library builds them for its own catIds
+            freq = {int(c["id"]): c.get("frequency") for c in gt["categories"]}
+            ev.freq_groups = [[i for i, c in enumerate(cat_ids) if freq[c] == lbl] for lbl in ev.params.imgCountLbl]
         ev.summarize()
     raw = {k: float(v) for k, v in ev.stats_as_dict.items()}
     out = {"AP": raw["AP_all"], "AP50": raw["AP_50"], "AP75": raw["AP_75"], "APs": raw["AP_small"],
