@@ -212,3 +212,7 @@ def test_scoring_in_category_chunks_equals_one_pass(protocol):
         assert [c for ch in chunks for c in ch] == cat_ids and len(chunks) > 1
         assert evaluate_boxes(gt, results, protocol, 20, chunk_detections=limit) == one
     assert 0.05 < one["AP"] < 0.95
+    # a category with truths but no detection: its chunk is empty
+    rest = results[results[:, 6] != cat_ids[1]]
+    assert evaluate_boxes(gt, rest, protocol, 20, chunk_detections=1) == evaluate_boxes(
+        gt, rest, protocol, 20, chunk_detections=len(rest))
