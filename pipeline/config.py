@@ -153,10 +153,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
         raise ConfigError(f"{path or '<root>'}: expected a mapping, got {data!r}")
     hints = _hints(cls)
     keys = _keys(cls)
-    for k in [k for k in data if (cls, k) in RETIRED_KEYS]:
+    retired = [k for k in data if (cls, k) in RETIRED_KEYS]
+    for k in retired:
         warnings.warn(f"config key '{f'{path}.{k}' if path else k}' is no longer used and was ignored: "
                       f"{RETIRED_KEYS[(cls, k)]}", stacklevel=2)
-        data = {key: v for key, v in data.items() if key != k}
+    data = {k: v for k, v in data.items() if k not in retired} if retired else data
     unknown = [k for k in data if k not in keys]
     if unknown:
         where = f"{path}.{unknown[0]}" if path else str(unknown[0])
