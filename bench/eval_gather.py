@@ -109,7 +109,7 @@ def write_payloads(mode: str, out_dir: str, ranks: int, n_images: int, dets: int
             "worker_seconds_max": round(max(worker_s), 2)}
 
 
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -125,7 +125,7 @@ def rank0(mode: str, payload_dir: str, ranks: int, n_images: int, max_dets: int,
     from pipeline.eval.evaluator import restrict_gt
 
     gt = make_gt(n_images)
-    base_kb = _status_kb("VmRSS")
+    base_kb = status_kb("VmRSS")
     cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     buffers = []
     for r in range(ranks):  # gather_object's receive buffer: every rank's bytes at once
@@ -157,7 +157,7 @@ def rank0(mode: str, payload_dir: str, ranks: int, n_images: int, max_dets: int,
             n_loaded = len(res.dataset["annotations"])
     wall = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    peak_kb = _status_kb("VmHWM")
+    peak_kb = status_kb("VmHWM")
     return {"mode": mode, "loaded_detections": n_loaded, "wall_s": round(wall, 2),
             "cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 2),
             "baseline_rss_mb": round(base_kb / 1024), "peak_rss_mb": round(peak_kb / 1024),

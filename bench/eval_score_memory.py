@@ -26,6 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from eval_gather import status_kb  # noqa: E402  (/proc/self/status fields, kB)
+
 NUM_CLASSES = 365
 
 
@@ -53,24 +55,16 @@ def make_case(images: int, dets: int, seed: int = 0) -> tuple[dict, np.ndarray]:
     return {"images": imgs, "annotations": anns, "categories": cats}, np.concatenate(res).astype(np.float64)
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def child(case: str, chunk: int) -> None:
     from pipeline.eval.coco_eval import evaluate_boxes
 
     with open(case, "rb") as f:
         gt, results, dets = pickle.load(f)
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     t0, c0 = time.perf_counter(), time.process_time()
     metrics = evaluate_boxes(gt, results, "coco", dets, chunk_detections=chunk)
     print("RESULT " + json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
-                                  "peak_delta_mb": (_status_kb("VmHWM") - base) / 1024, "metrics": metrics}))
+                                  "peak_delta_mb": (status_kb("VmHWM") - base) / 1024, "metrics": metrics}))
 
 
 def main(argv: list[str] | None = None) -> None:
