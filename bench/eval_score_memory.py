@@ -14,10 +14,8 @@ its RSS once the inputs are built (ground truth dict and the (N, 7) array).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from child_result import emit, run  # noqa: E402
 from eval_gather import status_kb  # noqa: E402  (/proc/self/status fields, kB)
 
 NUM_CLASSES = 365
@@ -63,8 +62,8 @@ def child(case: str, chunk: int) -> None:
     base = status_kb("VmRSS")
     t0, c0 = time.perf_counter(), time.process_time()
     metrics = evaluate_boxes(gt, results, "coco", dets, chunk_detections=chunk)
-    print("RESULT " + json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
-                                  "peak_delta_mb": (status_kb("VmHWM") - base) / 1024, "metrics": metrics}))
+    emit({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+          "peak_delta_mb": (status_kb("VmHWM") - base) / 1024, "metrics": metrics})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,12 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         with open(case, "wb") as f:
             pickle.dump((gt, results, args.dets), f, protocol=5)
         for chunk in args.chunks:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", case, str(chunk)],
-                                  capture_output=True, text=True)
-            out = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if not out:
-                raise SystemExit(f"chunk {chunk} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-            rows.append((chunk, json.loads(out[-1][len("RESULT "):])))
+            rows.append((chunk, run([sys.executable, os.path.abspath(__file__), "--child", case, str(chunk)],
+                                    what=f"chunk {chunk}")))
     print(f"\nimages={args.images}  detections={len(results)}  ground-truth boxes={len(gt['annotations'])}  "
           f"categories={NUM_CLASSES}  load={os.getloadavg()[0]:.2f}")
     print(f"{'chunk_detections':>16} {'peak MB':>8} {'wall s':>7} {'cpu s':>6}  AP      metrics equal to the first")

@@ -22,16 +22,15 @@ of the epoch up to the resume point before its first batch.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from child_result import emit, run  # noqa: E402
 from data_throughput import make_shards  # noqa: E402
 
 from pipeline.data.config import DataConfig  # noqa: E402
@@ -60,7 +59,7 @@ def one(shards: str, frac: float, workers: int, batch: int) -> None:
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     s, rows = first_batch_s(DataConfig(shards=shards, num_workers=workers), frac, batch)
-    print("RESULT " + json.dumps({"s": s, "rows": rows}), flush=True)
+    emit({"s": s, "rows": rows})
     os._exit(0)  # not ray.shutdown(): see the module docstring
 
 
@@ -83,13 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         shards = make_shards(tmp, args.images, rows_per_shard=1000, seed=0)
         for _ in range(args.repeats):
             for f in args.at:
-                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", shards, str(f),
-                                       "--workers", str(args.workers), "--batch-size", str(args.batch_size)],
-                                      capture_output=True, text=True)
-                out = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if not out:
-                    raise SystemExit(f"measurement at {f} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-                r = json.loads(out[-1][len("RESULT "):])
+                r = run([sys.executable, os.path.abspath(__file__), "--one", shards, str(f), "--workers",
+                         str(args.workers), "--batch-size", str(args.batch_size)], what=f"measurement at {f}")
                 times[f].append(r["s"])
                 rows[f] = r["rows"]
     print(f"\nimages={args.images}  workers={args.workers}  batch={args.batch_size}  repeats={args.repeats}  "

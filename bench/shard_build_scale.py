@@ -28,6 +28,7 @@ import sys
 import time
 
 import numpy as np
+from child_result import run
 from PIL import Image
 
 O365_TRAIN_IMAGES = 1_742_289
@@ -119,12 +120,8 @@ def run_build(code: str, ann: str, images: str, out: str, parallel: bool, num_cp
     # the driver's working directory first on their path; otherwise they would import this checkout's (or the
     # installed) `pipeline`, not `code`'s
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, code, ann, images, out, "1" if parallel else "0",
-                           str(num_cpus)], capture_output=True, text=True, env=env, cwd=code)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"build failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run([sys.executable, "-c", _RUNNER, code, ann, images, out, "1" if parallel else "0", str(num_cpus)],
+               what="build", env=env, cwd=code)
 
 
 def main(argv: list[str] | None = None) -> int:
