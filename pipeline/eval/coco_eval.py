@@ -47,7 +47,7 @@ CHUNK_DETECTIONS = 250_000
 def category_chunks(categories: np.ndarray, cat_ids: Sequence[int], limit: int) -> list[list[int]]:
     """`cat_ids` (sorted) cut into consecutive runs holding at most `limit` of the detections whose category ids
     are `categories` (N,), a run of one category where that category alone has more."""
-    counts = dict(zip(*np.unique(categories.astype(np.int64), return_counts=True)))
+    counts = dict(zip(*np.unique(np.asarray(categories, dtype=np.int64), return_counts=True)))
     chunks: list[list[int]] = [[]]
     held = 0
     for c in cat_ids:
@@ -90,8 +90,13 @@ def evaluate_boxes(
             return {k: 0.0 for k in keys}
         cat_ids = sorted({int(c["id"]) for c in gt["categories"]})
         parts: dict[str, list[np.ndarray]] = {"precision": [], "recall": [], "scores": []}
-        for chunk in category_chunks(results[:, 6], cat_ids, chunk_detections):
-            sel = results[np.isin(results[:, 6], chunk)]
+        # one sort by category; a chunk is then a contiguous range of it (its rows taken back in input order)
+        cats = results[:, 6].astype(np.int64)
+        by_cat = np.argsort(cats, kind="stable")
+        sorted_cats = cats[by_cat]
+        for chunk in category_chunks(sorted_cats, cat_ids, chunk_detections):
+            lo, hi = np.searchsorted(sorted_cats, chunk[0], "left"), np.searchsorted(sorted_cats, chunk[-1], "right")
+            sel = results[np.sort(by_cat[lo:hi])]
             coco_dt = coco_gt.loadRes(np.ascontiguousarray(sel, dtype=np.float64).reshape(-1, 7))
             ev = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", lvis_style=lvis, print_function=lambda *a: None)
             ev.params.catIds = chunk
