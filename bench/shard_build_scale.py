@@ -28,8 +28,10 @@ import sys
 import time
 
 import numpy as np
-from child_result import run
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers, also when loaded by file path (tests)
+from child_result import run  # noqa: E402
 
 O365_TRAIN_IMAGES = 1_742_289
 NUM_CLASSES = 365
