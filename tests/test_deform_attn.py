@@ -103,6 +103,21 @@ def test_kernel_float32_grads_and_int64_rows(monkeypatch):
             torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("queries, path", [(7, "_scatter_by_cell"), (2, "_scatter_to_rows")])
+def test_value_gradient_by_cell_and_by_row(monkeypatch, queries, path):
+    # Points outnumber value rows (N*J = 2*7*3*6 = 252 >= R = 2*22*3 = 132): the value gradient sums points per
+    # top-left cell; with 2 queries (72 < 132) it sums corners per row. Both must give the reference, with
+    # points inside, on borders and far outside (whose zero-weight corners must not reach any real row).
+    calls: list[str] = []
+    for name in ("_scatter_by_cell", "_scatter_to_rows"):
+        fn = getattr(deform_attn, name)
+        monkeypatch.setattr(deform_attn, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
+    value, loc, weights = _inputs(ODD_SHAPES, Q=queries, lo=-2.5, hi=3.5, seed=12)
+    loc[:, :, :, 1, 0] = torch.tensor([-7.0, 9.0], dtype=loc.dtype)  # one point per bag far outside level 1
+    _assert_kernel_matches(ODD_SHAPES, value, loc, weights)
+    assert calls == [path]
+
+
 def test_kernel_gradcheck_float64():
     value, loc, weights = _inputs(ODD_SHAPES, B=1, Q=3, nH=2, Dh=2, P=2, seed=7)
     inputs = tuple(t.requires_grad_() for t in (value, loc, weights))

@@ -9,10 +9,12 @@
   head, level, point) touches 4 corner pixels; corner row indices and weights (bilinear x attention) are
   computed for all levels at once, and one `F.embedding_bag(mode="sum")` gathers and sums them straight into
   the (B, Q, nH*Dh) output. It saves only its inputs (value, sampling locations, attention weights) for
-  backward, like the authors' CUDA kernel, and recomputes the corners there: value gradient as a sort +
-  segment sum, corner-dot products through embedding_bag's per-sample-weight gradient, location /
-  attention-weight gradients in closed form. Corners outside their level get weight 0; in the value
-  gradient they go to a dummy row that is dropped, so they do not pile onto a real row.
+  backward, like the authors' CUDA kernel, and recomputes the corners there: corner-dot products through
+  embedding_bag's per-sample-weight gradient, location / attention-weight gradients in closed form, and the
+  value gradient as a sort + segment sum: of the points by their top-left cell when points outnumber value
+  rows (the encoder; a quarter of the entries to sort, see `_scatter_by_cell`), else of the corners by row
+  (`_scatter_to_rows`). Corners outside their level get weight 0 and never reach a real row of the value
+  gradient (no pile-up on the row they were clamped to).
 
 Precision: every kernel computes in float32 (float64 if an input is float64) whatever the input dtypes or
 autocast state, and returns the output in value's dtype and each gradient in its input's dtype.
@@ -161,7 +163,8 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def _bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_values: int, dtype: torch.dtype,
-                      derivatives: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+                      derivatives: bool = True, cells: bool = False
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Corner rows and separable bilinear weights of every sampling point, all levels at once.
 
     A location x in [0, 1] on a level of width w sits at pixel u = x * w - 0.5 (align_corners=False); its
@@ -174,6 +177,10 @@ def _bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_va
         wx, wy: (N, 2, J) weights of the (floor, floor + 1) corner along x / y in `dtype`, 0 where outside.
         dwx, dwy: (N, 2, J) their derivatives by the location (pixel derivative (-1, +1) times the level's
             w or h), 0 where outside; None unless `derivatives`.
+        cell: (N, J) the point's key in the cell grid `_scatter_by_cell` sums over (None unless `cells`): each
+            level padded to (h + 1) x (w + 1) cells, cell (y0 + 1, x0 + 1) for top-left corner (y0, x0); key
+            ((b * T + level's first cell + (y0 + 1) * (w + 1) + x0 + 1) * nH + head, T = sum (h + 1)(w + 1).
+            Points with no corner inside (y0 or x0 out of [-1, size - 1], all weights 0) get the nearest cell.
     """
     B, Q, nH, L, P, _ = sampling_locations.shape
     N, J, S = B * Q * nH, L * P, num_values
@@ -182,43 +189,57 @@ def _bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_va
     idx = torch.int32 if R + 4 * S * nH < _INT32_ROWS_LIMIT else torch.long
     hw = spatial_shapes.to(device=device, dtype=torch.long)
     sizes = hw[:, 0] * hw[:, 1]
-    lim = hw.flip(-1).repeat_interleave(P, dim=0).to(idx)  # (J, 2) (w, h)
+    lim = hw.flip(-1).repeat_interleave(P, dim=0).t().contiguous().to(idx)  # (2, J): w, h of each point's level
     level_start = ((sizes.cumsum(0) - sizes) * nH).repeat_interleave(P).to(idx)  # (J,) first row per level
     wh = lim.to(dtype)
-    pix = sampling_locations.reshape(N, J, 2).to(dtype) * wh - 0.5
+    # (N, 2, J) layout (x / y rows): the weights below are written in place as contiguous rows of J.
+    pix = torch.mul(sampling_locations.reshape(N, J, 2).transpose(1, 2), wh,
+                    out=torch.empty(N, 2, J, dtype=dtype, device=device)).sub_(0.5)
     # Points far outside only need to stay outside (both corners masked, zero derivative): clamp to
     # [-2, w] so the integer row arithmetic below cannot overflow.
     pix = torch.minimum(pix.clamp_(min=-2.0), wh)
     floor = pix.floor()
-    frac = pix - floor
+    frac = pix.sub_(floor)
     lo = floor.to(idx)
-    ok_lo = ((lo >= 0) & (lo < lim)).to(dtype)  # (N, J, 2): corner floor(u) inside
+    ok_lo = ((lo >= 0) & (lo < lim)).to(dtype)  # (N, 2, J): corner floor(u) inside
     ok_hi = ((lo >= -1) & (lo < lim - 1)).to(dtype)  # corner floor(u) + 1 inside
-    w_lo, w_hi = (1 - frac) * ok_lo, frac * ok_hi
-    wx = torch.stack([w_lo[..., 0], w_hi[..., 0]], 1)  # (N, 2, J)
-    wy = torch.stack([w_lo[..., 1], w_hi[..., 1]], 1)
+    weights = frac.new_empty(N, 2, 2, J)  # (N, x / y, floor / floor + 1, J)
+    torch.mul(1 - frac, ok_lo, out=weights[:, :, 0])
+    torch.mul(frac, ok_hi, out=weights[:, :, 1])
+    wx, wy = weights[:, 0], weights[:, 1]  # (N, 2, J)
     dwx = dwy = None
-    if derivatives:
-        d_lo, d_hi = ok_lo * wh, ok_hi * wh  # pixel = location * wh - 0.5
-        dwx = torch.stack([-d_lo[..., 0], d_hi[..., 0]], 1)
-        dwy = torch.stack([-d_lo[..., 1], d_hi[..., 1]], 1)
-    del ok_lo, ok_hi, w_lo, w_hi, frac, pix
+    if derivatives:  # pixel = location * wh - 0.5
+        derivs = frac.new_empty(N, 2, 2, J)
+        torch.mul(ok_lo, -wh, out=derivs[:, :, 0])
+        torch.mul(ok_hi, wh, out=derivs[:, :, 1])
+        dwx, dwy = derivs[:, 0], derivs[:, 1]
+    del ok_lo, ok_hi, frac, pix, floor
     # Row of (b, token, head) in value.reshape(R, Dh) is (b*S + token)*nH + head, and a level's token is
     # level_start + y*w + x: x steps by nH rows, y by w*nH rows.
     batch_head = torch.arange(B, device=device).view(B, 1, 1) * (S * nH) + torch.arange(nH, device=device)
     batch_head = batch_head.to(idx).expand(B, Q, nH).reshape(N, 1)
-    row_step = lim[:, 0] * nH  # (J,)
-    top_left = batch_head + level_start + lo[..., 1] * row_step + lo[..., 0] * nH  # (N, J)
+    row_step = lim[0] * nH  # (J,)
+    top_left = batch_head + level_start + lo[:, 1] * row_step + lo[:, 0] * nH  # (N, J)
     corner_step = torch.stack([torch.zeros_like(row_step), torch.full_like(row_step, nH), row_step,
                                row_step + nH])  # (4, J)
     rows = (top_left.unsqueeze(1) + corner_step).view(N, 4 * J).clamp_(0, R - 1)  # masked: any valid row
-    return rows, wx, wy, dwx, dwy
+    cell = None
+    if cells:
+        cell_idx = torch.int32 if 4 * R < _INT32_ROWS_LIMIT else torch.long  # T <= 4 S, so keys < 4 R
+        cells_l = (hw + 1).prod(1)  # (L,) cells per level
+        total = cells_l.sum()
+        cell_start = (cells_l.cumsum(0) - cells_l).repeat_interleave(P).to(cell_idx)  # (J,)
+        yx = (torch.minimum(lo, lim - 1).clamp_(min=-1) + 1).to(cell_idx)  # (N, 2, J) in [0, w] x [0, h]
+        base = torch.arange(B, device=device).view(B, 1, 1) * (total * nH) + torch.arange(nH, device=device)
+        base = base.to(cell_idx).expand(B, Q, nH).reshape(N, 1)
+        cell = base + (cell_start + yx[:, 1] * (lim[0] + 1).to(cell_idx) + yx[:, 0]) * nH
+    return rows, wx, wy, dwx, dwy, cell
 
 
 def _corner_weights(wx: Tensor, wy: Tensor, attn: Tensor) -> Tensor:
     """wx, wy: (N, 2, J); attn: (N, J) -> (N, 4*J) attn * wy * wx per corner (y0x0, y0x1, y1x0, y1x1)."""
     N, _, J = wx.shape
-    return ((wy * attn.unsqueeze(1)).unsqueeze(2) * wx.unsqueeze(1)).view(N, 4 * J)
+    return ((wy * attn.unsqueeze(1)).unsqueeze(2) * wx.unsqueeze(1)).reshape(N, 4 * J)
 
 
 def _scatter_to_rows(rows: Tensor, weights: Tensor, grad_out: Tensor, num_rows: int) -> Tensor:
@@ -248,12 +269,76 @@ def _scatter_to_rows(rows: Tensor, weights: Tensor, grad_out: Tensor, num_rows: 
     return out[:num_rows]
 
 
+def _scatter_by_cell(cell: Tensor, corner_w: Tensor, grad_out: Tensor, hw: SpatialHW, batch: int,
+                     heads: int) -> Tensor:
+    """Transpose of the weighted gather, for many points per value row (the encoder: N*J = 20 R).
+
+    grad_value[r] = sum of w[n, k] * grad_out[n] over the corners k of bag n that fall on row r. The four corners
+    of a point share its cell (`_bilinear_corners`), so the N*J points are sorted by cell (a quarter of the
+    4*N*J corner entries `_scatter_to_rows` sorts). Cells are laid out like value rows, with each level padded
+    by one row and column, so corner (dy, dx) maps cells to rows monotonically: row (y, x) takes cell
+    (y + 1 - dy, x + 1 - dx). Per corner, one embedding_bag whose bag r spans the sorted points from that
+    cell's first point to the next row's cell gives the row sums straight in value's layout; the points it
+    spans beyond the cell lie in padding cells, whose corner (dy, dx) is outside the level, so their weight for
+    this corner is 0 (as is that of a point whose location was far outside, filed under the nearest cell).
+    Sizes come from `hw` (Python ints): no host read on any device.
+    Args:
+        cell: (N, J) cell keys; corner_w: (N, 4*J) as (y0x0, y0x1, y1x0, y1x1) x J; grad_out: (N, Dh).
+    Returns:
+        (B, S, nH, Dh) gradient of value, in grad_out's dtype.
+    """
+    N, J = cell.shape
+    Dh = grad_out.shape[1]
+    cells_l = [(h + 1) * (w + 1) for h, w in hw]
+    total = sum(cells_l)
+    flat = cell.view(-1)
+    if flat.device.type == "cpu":
+        perm = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=batch * total * heads)
+        first = (counts.cumsum(0) - counts).to(flat.dtype)  # first sorted point of every cell
+        del counts
+    else:  # bincount reads its output size back to the host on CUDA
+        sorted_cells, perm = torch.sort(flat, stable=True)
+        first = torch.searchsorted(sorted_cells, torch.arange(batch * total * heads, device=flat.device,
+                                                              dtype=flat.dtype)).to(flat.dtype)
+        del sorted_cells
+    first = first.view(batch, total, heads)
+    bags = perm.div(J, rounding_mode="floor").to(flat.dtype)  # sorted point -> the bag n it came from
+    point = perm.to(flat.dtype)
+    del perm
+    per_corner = corner_w.view(N, 4, J)
+    grad = None
+    for corner, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        starts, cell_start = [], 0
+        for (h, w), n_cells in zip(hw, cells_l):
+            level = first[:, cell_start:cell_start + n_cells].view(batch, h + 1, w + 1, heads)
+            starts.append(level[:, 1 - dy:h + 1 - dy, 1 - dx:w + 1 - dx].reshape(batch, h * w, heads))
+            cell_start += n_cells
+        offsets = torch.cat(starts, 1).view(-1)
+        offsets[:1] = 0  # bag 0 from the first point: the ones before it lie in padding cells
+        weights = per_corner[:, corner].reshape(-1).index_select(0, point)
+        sums = F.embedding_bag(bags, grad_out, offsets, per_sample_weights=weights, mode="sum")
+        grad = sums if grad is None else grad.add_(sums)
+    assert grad is not None
+    return grad.view(batch, -1, heads, Dh)
+
+
 def _corner_dots(table: Tensor, rows: Tensor, weights: Tensor, grad_out: Tensor) -> Tensor:
     """dots[n, k] = <grad_out[n], table[rows[n, k]]>, i.e. d(sum_k w[n,k] table[rows[n,k]]) / d w[n, k].
 
-    embedding_bag's own per-sample-weight backward computes exactly this without materialising the
-    (N, K, Dh) gather, so it is called through autograd. table: (R, Dh); rows, weights: (N, K) -> (N, K).
+    This is embedding_bag's per-sample-weight gradient, which computes it without materialising the (N, K, Dh)
+    gather. ATen exposes it only as `aten._embedding_bag_per_sample_weights_backward` (no public function):
+    calling it directly skips the embedding_bag forward that going through autograd would recompute (a full
+    gather, ~a third of this function's time). If a torch build lacks the op, autograd does it.
+    table: (R, Dh); rows, weights: (N, K) -> (N, K).
     """
+    N, K = rows.shape
+    op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
+    if op is not None:
+        flat = rows.reshape(-1)
+        offsets = torch.arange(0, N * K, K, device=rows.device, dtype=rows.dtype)
+        bag_of_entry = torch.arange(N, device=rows.device, dtype=rows.dtype).repeat_interleave(K)
+        return op(grad_out, table, flat, offsets, bag_of_entry, 0).view(N, K)
     with torch.enable_grad():
         w = weights.detach().requires_grad_()
         out = F.embedding_bag(rows, table.detach(), per_sample_weights=w, mode="sum")
@@ -266,28 +351,31 @@ class _MSDeformAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+        ctx, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor,
+        hw: SpatialHW
     ) -> Tensor:
         B, S, nH, Dh = value.shape
         _, Q, _, L, P, _ = sampling_locations.shape
         N, J = B * Q * nH, L * P
         dtype = _compute_dtype(value, sampling_locations, attention_weights)
         with _autocast_off(value.device):
-            rows, wx, wy, _, _ = _bilinear_corners(spatial_shapes, sampling_locations, S, dtype, derivatives=False)
+            rows, wx, wy, _, _, _ = _bilinear_corners(spatial_shapes, sampling_locations, S, dtype,
+                                                      derivatives=False)
             corner_w = _corner_weights(wx, wy, attention_weights.reshape(N, J).to(dtype))
             del wx, wy
             table = value.reshape(B * S * nH, Dh).to(dtype)
             out = F.embedding_bag(rows, table, per_sample_weights=corner_w, mode="sum")
         ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
+        ctx.hw = hw
         return out.view(B, Q, nH * Dh).to(value.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
         ctx, grad_out: Tensor
-    ) -> tuple[Tensor | None, None, Tensor | None, Tensor | None]:
+    ) -> tuple[Tensor | None, None, Tensor | None, Tensor | None, None]:
         value, spatial_shapes, sampling_locations, attention_weights = ctx.saved_tensors
-        need_value, _, need_loc, need_attn = ctx.needs_input_grad
+        need_value, _, need_loc, need_attn, _ = ctx.needs_input_grad
         B, S, nH, Dh = value.shape
         _, Q, _, L, P, _ = sampling_locations.shape
         N, J, R = B * Q * nH, L * P, B * S * nH
@@ -295,7 +383,9 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         grad_value = grad_loc = grad_attn = None
         with _autocast_off(value.device):
             grad_out = grad_out.reshape(N, Dh).to(dtype)
-            rows, wx, wy, dwx, dwy = _bilinear_corners(spatial_shapes, sampling_locations, S, dtype)
+            by_cell = need_value and N * J >= R  # encoder-like: points outnumber value rows
+            rows, wx, wy, dwx, dwy, cell = _bilinear_corners(spatial_shapes, sampling_locations, S, dtype,
+                                                             cells=by_cell)
             assert dwx is not None and dwy is not None
             attn = attention_weights.reshape(N, J).to(dtype)
             corner_w = _corner_weights(wx, wy, attn)
@@ -315,9 +405,13 @@ class _MSDeformAttnFunction(torch.autograd.Function):
                     grad_loc = grad_loc.view(sampling_locations.shape).to(sampling_locations.dtype)
                 del dots, dots_y
             del wx, wy, dwx, dwy
-            if need_value:  # last: the scatter overwrites rows
-                grad_value = _scatter_to_rows(rows, corner_w, grad_out, R).view(B, S, nH, Dh).to(value.dtype)
-        return grad_value, None, grad_loc, grad_attn
+            if need_value:  # last: _scatter_to_rows overwrites rows
+                if cell is not None:
+                    grad_value = _scatter_by_cell(cell, corner_w, grad_out, ctx.hw, B, nH)
+                else:
+                    grad_value = _scatter_to_rows(rows, corner_w, grad_out, R).view(B, S, nH, Dh)
+                grad_value = grad_value.to(value.dtype)
+        return grad_value, None, grad_loc, grad_attn, None
 
 
 @functools.cache
@@ -374,7 +468,7 @@ def multi_scale_deformable_attn(value: Tensor, spatial_shapes: Tensor, sampling_
         from pipeline.models.layers.deform_attn_triton import multi_scale_deformable_attn_triton
 
         return multi_scale_deformable_attn_triton(value, spatial_shapes, sampling_locations, attention_weights)
-    return _MSDeformAttnFunction.apply(value, spatial_shapes, sampling_locations, attention_weights)
+    return _MSDeformAttnFunction.apply(value, spatial_shapes, sampling_locations, attention_weights, hw)
 
 
 class MultiScaleDeformableAttention(nn.Module):
