@@ -118,6 +118,18 @@ def test_value_gradient_by_cell_and_by_row(monkeypatch, queries, path):
     assert calls == [path]
 
 
+def test_group_by_key_same_on_both_device_paths():
+    # CPU groups with bincount, CUDA with searchsorted (no host read); both must give the same order and starts,
+    # including keys with no entries (first, last and in between).
+    keys = torch.tensor([5, 2, 2, 7, 0, 5, 5, 2, 9], dtype=torch.int32)
+    expected_first = torch.tensor([0, 1, 1, 4, 4, 4, 7, 7, 8, 8, 9, 9])  # entries with a smaller key
+    for host_sizes in (True, False):
+        perm, first = deform_attn._group_by_key(keys, 12, host_sizes=host_sizes)
+        assert keys[perm].tolist() == sorted(keys.tolist())
+        assert perm[keys[perm] == 5].tolist() == [0, 5, 6]  # stable
+        assert first.tolist() == expected_first.tolist()
+
+
 def test_kernel_gradcheck_float64():
     value, loc, weights = _inputs(ODD_SHAPES, B=1, Q=3, nH=2, Dh=2, P=2, seed=7)
     inputs = tuple(t.requires_grad_() for t in (value, loc, weights))

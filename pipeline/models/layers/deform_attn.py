@@ -242,27 +242,34 @@ def _corner_weights(wx: Tensor, wy: Tensor, attn: Tensor) -> Tensor:
     return ((wy * attn.unsqueeze(1)).unsqueeze(2) * wx.unsqueeze(1)).reshape(N, 4 * J)
 
 
+def _group_by_key(keys: Tensor, num_keys: int, host_sizes: bool | None = None) -> tuple[Tensor, Tensor]:
+    """Sort entries by key: (perm, first) with keys[perm] ascending (stable) and first[k] the position in that
+    order of key k's first entry (the number of entries with a smaller key), for k in [0, num_keys).
+
+    keys: (M,) ints in [0, num_keys). `first` comes from `bincount` + cumsum where the device can size an output
+    from data without a host round trip (CPU), else from `searchsorted` over the sorted keys (bincount reads its
+    output size back to the host on CUDA). host_sizes: force one way (tests run both on CPU).
+    """
+    if host_sizes is None:
+        host_sizes = keys.device.type == "cpu"
+    if host_sizes:
+        perm = torch.argsort(keys, stable=True)
+        counts = torch.bincount(keys, minlength=num_keys)
+        return perm, counts.cumsum(0).sub_(counts)
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    return perm, torch.searchsorted(sorted_keys, torch.arange(num_keys, device=keys.device, dtype=keys.dtype))
+
+
 def _scatter_to_rows(rows: Tensor, weights: Tensor, grad_out: Tensor, num_rows: int) -> Tensor:
     """Transpose of the weighted gather: grad_table[r] = sum of w[n, k] * grad_out[n] over rows[n, k] == r.
 
     rows (overwritten), weights: (N, K) with rows in [0, num_rows); grad_out: (N, Dh) -> (num_rows, Dh). Zero-weight
     entries (corners outside their level, which all share some clamped row) go to a dummy bag num_rows that
     is dropped, so no real row collects them. Entries are grouped by row with one sort, then summed per row
-    by one embedding_bag (rows never touched get an empty bag, i.e. zero). Bag starts come from `bincount`
-    on CPU and from `searchsorted` elsewhere (bincount reads its output size back to the host on CUDA).
+    by one embedding_bag (rows never touched get an empty bag, i.e. zero).
     """
     K = rows.shape[1]
-    flat = rows.masked_fill_(weights == 0, num_rows).view(-1)
-    if flat.device.type == "cpu":
-        perm = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=num_rows + 1)
-        offsets = counts.cumsum(0) - counts
-    else:
-        sorted_rows, perm = torch.sort(flat, stable=True)
-        offsets = torch.searchsorted(sorted_rows, torch.arange(num_rows + 1, device=flat.device,
-                                                               dtype=flat.dtype))
-        del sorted_rows
-    del flat
+    perm, offsets = _group_by_key(rows.masked_fill_(weights == 0, num_rows).view(-1), num_rows + 1)
     per_entry = weights.reshape(-1).index_select(0, perm)
     bags = perm.div_(K, rounding_mode="floor")  # entry -> the output row it came from
     out = F.embedding_bag(bags, grad_out, offsets, per_sample_weights=per_entry, mode="sum")
@@ -292,17 +299,8 @@ def _scatter_by_cell(cell: Tensor, corner_w: Tensor, grad_out: Tensor, hw: Spati
     cells_l = [(h + 1) * (w + 1) for h, w in hw]
     total = sum(cells_l)
     flat = cell.view(-1)
-    if flat.device.type == "cpu":
-        perm = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=batch * total * heads)
-        first = (counts.cumsum(0) - counts).to(flat.dtype)  # first sorted point of every cell
-        del counts
-    else:  # bincount reads its output size back to the host on CUDA
-        sorted_cells, perm = torch.sort(flat, stable=True)
-        first = torch.searchsorted(sorted_cells, torch.arange(batch * total * heads, device=flat.device,
-                                                              dtype=flat.dtype)).to(flat.dtype)
-        del sorted_cells
-    first = first.view(batch, total, heads)
+    perm, first = _group_by_key(flat, batch * total * heads)
+    first = first.to(flat.dtype).view(batch, total, heads)  # first sorted point of every cell
     bags = perm.div(J, rounding_mode="floor").to(flat.dtype)  # sorted point -> the bag n it came from
     point = perm.to(flat.dtype)
     del perm
