@@ -260,19 +260,30 @@ def _group_by_key(keys: Tensor, num_keys: int, host_sizes: bool | None = None) -
     return perm, torch.searchsorted(sorted_keys, torch.arange(num_keys, device=keys.device, dtype=keys.dtype))
 
 
-def _scatter_to_rows(rows: Tensor, weights: Tensor, grad_out: Tensor, num_rows: int) -> Tensor:
-    """Transpose of the weighted gather: grad_table[r] = sum of w[n, k] * grad_out[n] over rows[n, k] == r.
+def _corner_order(rows: Tensor, weights: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The corner entries grouped by value row, for `_scatter_to_rows` and `_corner_dots`.
 
-    rows (overwritten), weights: (N, K) with rows in [0, num_rows); grad_out: (N, Dh) -> (num_rows, Dh). Zero-weight
-    entries (corners outside their level, which all share some clamped row) go to a dummy bag num_rows that
-    is dropped, so no real row collects them. Entries are grouped by row with one sort, then summed per row
-    by one embedding_bag (rows never touched get an empty bag, i.e. zero).
+    rows, weights: (N, K). Zero-weight entries (corners outside their level, which all share some clamped row)
+    are filed under a dummy row num_rows, so no real row collects them.
+    Returns (perm, bag, offsets): perm (N*K,) the entries in row order, bag (N*K,) the bag n of each of them,
+    offsets (num_rows + 1,) the first position of every row in that order; bag and offsets in rows' dtype.
     """
     K = rows.shape[1]
-    perm, offsets = _group_by_key(rows.masked_fill_(weights == 0, num_rows).view(-1), num_rows + 1)
+    perm, offsets = _group_by_key(rows.masked_fill(weights == 0, num_rows).view(-1), num_rows + 1)
+    return perm, perm.div(K, rounding_mode="floor").to(rows.dtype), offsets.to(rows.dtype)
+
+
+def _scatter_to_rows(order: tuple[Tensor, Tensor, Tensor], weights: Tensor, grad_out: Tensor,
+                     num_rows: int) -> Tensor:
+    """Transpose of the weighted gather: grad_table[r] = sum of w[n, k] * grad_out[n] over rows[n, k] == r.
+
+    order: `_corner_order(rows, weights, num_rows)`; weights: (N, K); grad_out: (N, Dh) -> (num_rows, Dh). One
+    embedding_bag sums each row's entries (rows never touched get an empty bag, i.e. zero); the dummy row of
+    the zero-weight entries is dropped.
+    """
+    perm, bag, offsets = order
     per_entry = weights.reshape(-1).index_select(0, perm)
-    bags = perm.div_(K, rounding_mode="floor")  # entry -> the output row it came from
-    out = F.embedding_bag(bags, grad_out, offsets, per_sample_weights=per_entry, mode="sum")
+    out = F.embedding_bag(bag, grad_out, offsets, per_sample_weights=per_entry, mode="sum")
     return out[:num_rows]
 
 
@@ -321,22 +332,28 @@ def _scatter_by_cell(cell: Tensor, corner_w: Tensor, grad_out: Tensor, hw: Spati
     return grad.view(batch, -1, heads, Dh)
 
 
-def _corner_dots(table: Tensor, rows: Tensor, weights: Tensor, grad_out: Tensor) -> Tensor:
+def _corner_dots(table: Tensor, rows: Tensor, weights: Tensor, grad_out: Tensor,
+                 order: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """dots[n, k] = <grad_out[n], table[rows[n, k]]>, i.e. d(sum_k w[n,k] table[rows[n,k]]) / d w[n, k].
 
     This is embedding_bag's per-sample-weight gradient, which computes it without materialising the (N, K, Dh)
     gather. ATen exposes it only as `aten._embedding_bag_per_sample_weights_backward` (no public function):
     calling it directly skips the embedding_bag forward that going through autograd would recompute (a full
-    gather, ~a third of this function's time). If a torch build lacks the op, autograd does it.
-    table: (R, Dh); rows, weights: (N, K) -> (N, K).
+    gather), and lets the entries come in any order, since each names its bag. Given `order` (from
+    `_corner_order`), they are visited in row order: the table is then read front to back instead of at
+    random, which is what this costs when the table is larger than the cache. If a torch build lacks the op,
+    autograd does it. table: (R, Dh); rows, weights: (N, K) -> (N, K).
     """
     N, K = rows.shape
     op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
     if op is not None:
-        flat = rows.reshape(-1)
         offsets = torch.arange(0, N * K, K, device=rows.device, dtype=rows.dtype)
-        bag_of_entry = torch.arange(N, device=rows.device, dtype=rows.dtype).repeat_interleave(K)
-        return op(grad_out, table, flat, offsets, bag_of_entry, 0).view(N, K)
+        if order is None:
+            bag = torch.arange(N, device=rows.device, dtype=rows.dtype).repeat_interleave(K)
+            return op(grad_out, table, rows.reshape(-1), offsets, bag, 0).view(N, K)
+        perm, bag, _ = order
+        dots = op(grad_out, table, rows.reshape(-1).index_select(0, perm), offsets, bag, 0)
+        return torch.empty_like(dots).index_copy_(0, perm, dots).view(N, K)
     with torch.enable_grad():
         w = weights.detach().requires_grad_()
         out = F.embedding_bag(rows, table.detach(), per_sample_weights=w, mode="sum")
@@ -387,11 +404,12 @@ class _MSDeformAttnFunction(torch.autograd.Function):
             assert dwx is not None and dwy is not None
             attn = attention_weights.reshape(N, J).to(dtype)
             corner_w = _corner_weights(wx, wy, attn)
+            order = _corner_order(rows, corner_w, R) if need_value and cell is None else None
             if need_loc or need_attn:
                 # dots[n, i, j, p] = <grad_out[n], value at corner (y_i, x_j) of point p>. Corners outside
                 # the level drop out because their weights and weight derivatives are 0.
                 table = value.reshape(R, Dh).to(dtype)
-                dots = _corner_dots(table, rows, corner_w, grad_out).view(N, 2, 2, J)
+                dots = _corner_dots(table, rows, corner_w, grad_out, order).view(N, 2, 2, J)
                 del table
                 dots_y = (dots * wx.unsqueeze(1)).sum(2)  # (N, 2y, J): bilinear in x done
                 if need_attn:
@@ -402,12 +420,13 @@ class _MSDeformAttnFunction(torch.autograd.Function):
                     grad_loc = torch.stack([grad_x, grad_y], -1) * attn.unsqueeze(-1)
                     grad_loc = grad_loc.view(sampling_locations.shape).to(sampling_locations.dtype)
                 del dots, dots_y
-            del wx, wy, dwx, dwy
-            if need_value:  # last: _scatter_to_rows overwrites rows
+            del wx, wy, dwx, dwy, rows
+            if need_value:
                 if cell is not None:
                     grad_value = _scatter_by_cell(cell, corner_w, grad_out, ctx.hw, B, nH)
                 else:
-                    grad_value = _scatter_to_rows(rows, corner_w, grad_out, R).view(B, S, nH, Dh)
+                    assert order is not None
+                    grad_value = _scatter_to_rows(order, corner_w, grad_out, R).view(B, S, nH, Dh)
                 grad_value = grad_value.to(value.dtype)
         return grad_value, None, grad_loc, grad_attn, None
 
