@@ -41,6 +41,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from pipeline.config import load_config
     from pipeline.models import build_model
+    from pipeline.train.optim import build_optimizer
 
     torch.manual_seed(0)
     if args.threads:
@@ -49,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
                                     "model.backbone.pretrained=false"])
     device = torch.device(args.device)
     model = build_model(job.model).to(device).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = build_optimizer(model, job.train)  # what training runs (fused AdamW, the config's lr groups)
     h, w = args.size
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, h, w, generator=g).to(device)

@@ -53,6 +53,33 @@ def test_param_groups_backbone_lr_and_frozen_params_excluded():
     assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in net.parameters())
 
 
+def test_build_optimizer_is_fused_adamw_and_resumes_a_loop_adamw_state():
+    # Fused AdamW (one kernel per group) takes the same steps as torch's per-tensor loop, and a checkpoint's
+    # optimizer state written by the loop implementation (runs before the switch) loads and continues.
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.05, lr_mults={"backbone": 0.1})
+    torch.manual_seed(0)
+    nets = [_Net(), _Net()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    fused = build_optimizer(nets[0], cfg)
+    loop = torch.optim.AdamW(param_groups(nets[1], cfg.lr, cfg.weight_decay, cfg.lr_mults), lr=cfg.lr,
+                             weight_decay=cfg.weight_decay, foreach=False)
+    assert fused.defaults["fused"] and all(g["fused"] for g in fused.param_groups)
+    x = torch.randn(2, 3, 6, 6)
+    loss = lambda net: net.head(net.backbone(x).mean((2, 3))).square().mean()  # noqa: E731
+    for _ in range(3):
+        for net, opt in zip(nets, (fused, loop)):
+            loss(net).backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    resumed = build_optimizer(nets[1], cfg)
+    resumed.load_state_dict(loop.state_dict())
+    loss(nets[1]).backward()
+    resumed.step()
+    assert all(int(s["step"]) == 4 for s in resumed.state.values())
+
+
 def test_lr_factor_step_decay_and_linear_warmup():
     epochs = TrainConfig(lr_steps=(11,), lr_gamma=0.1)
     assert lr_factor(10_000, 10, epochs) == 1.0

@@ -48,9 +48,14 @@ def layer_decay_mults(model: nn.Module, decay: float) -> dict[str, float] | None
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, the fused implementation: one vectorised kernel per group on CPU and CUDA (the
+    parameters may move to the GPU after this; fused AdamW takes the device at each step). torch's default is the
+    per-tensor Python loop on CPU and the foreach kernels on CUDA; with Co-DINO's ~230-400 parameter tensors the
+    loop cost the tiny K=2 model 44 ms per step on this 2-core CPU against 8.8 ms fused (the bench/train_step.py
+    model; foreach: 32 ms). Same update rule; the rounding of the fused kernel differs in the last bits."""
     groups = param_groups(model, cfg.lr * lr_scale, cfg.weight_decay, cfg.lr_mults,
                           layer_decay_mults(model, cfg.layer_decay))  # fmt: skip
-    return torch.optim.AdamW(groups, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay, fused=True)
 
 
 def lr_factor(step: int, epoch: int, cfg: TrainConfig) -> float:
