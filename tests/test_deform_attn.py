@@ -124,10 +124,11 @@ def test_group_by_key_same_on_both_device_paths():
     keys = torch.tensor([5, 2, 2, 7, 0, 5, 5, 2, 9], dtype=torch.int32)
     expected_first = torch.tensor([0, 1, 1, 4, 4, 4, 7, 7, 8, 8, 9, 9])  # entries with a smaller key
     for host_sizes in (True, False):
-        perm, first = deform_attn._group_by_key(keys, 12, host_sizes=host_sizes)
+        perm, bag, first = deform_attn._group_by_key(keys, 12, 3, host_sizes=host_sizes)
         assert keys[perm].tolist() == sorted(keys.tolist())
         assert perm[keys[perm] == 5].tolist() == [0, 5, 6]  # stable
         assert first.tolist() == expected_first.tolist()
+        assert bag.tolist() == (perm // 3).tolist() and bag.dtype == first.dtype == keys.dtype
 
 
 def test_kernel_gradcheck_float64():

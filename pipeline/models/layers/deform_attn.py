@@ -162,6 +162,13 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _bag_base(B: int, Q: int, nH: int, per_batch: Tensor | int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(N, 1) b * per_batch + head for bag n = (b, q, head): the offset of a bag's batch item and head in a
+    batch-major, head-innermost index (value rows: per_batch = S * nH; cell keys: T * nH)."""
+    base = torch.arange(B, device=device).view(B, 1, 1) * per_batch + torch.arange(nH, device=device)
+    return base.to(dtype).expand(B, Q, nH).reshape(B * Q * nH, 1)
+
+
 def _bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_values: int, dtype: torch.dtype,
                       derivatives: bool = True, cells: bool = False
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
@@ -216,8 +223,7 @@ def _bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_va
     del ok_lo, ok_hi, frac, pix, floor
     # Row of (b, token, head) in value.reshape(R, Dh) is (b*S + token)*nH + head, and a level's token is
     # level_start + y*w + x: x steps by nH rows, y by w*nH rows.
-    batch_head = torch.arange(B, device=device).view(B, 1, 1) * (S * nH) + torch.arange(nH, device=device)
-    batch_head = batch_head.to(idx).expand(B, Q, nH).reshape(N, 1)
+    batch_head = _bag_base(B, Q, nH, S * nH, idx, device)
     row_step = lim[0] * nH  # (J,)
     top_left = batch_head + level_start + lo[:, 1] * row_step + lo[:, 0] * nH  # (N, J)
     corner_step = torch.stack([torch.zeros_like(row_step), torch.full_like(row_step, nH), row_step,
@@ -230,9 +236,8 @@ def _bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_va
         total = cells_l.sum()
         cell_start = (cells_l.cumsum(0) - cells_l).repeat_interleave(P).to(cell_idx)  # (J,)
         yx = (torch.minimum(lo, lim - 1).clamp_(min=-1) + 1).to(cell_idx)  # (N, 2, J) in [0, w] x [0, h]
-        base = torch.arange(B, device=device).view(B, 1, 1) * (total * nH) + torch.arange(nH, device=device)
-        base = base.to(cell_idx).expand(B, Q, nH).reshape(N, 1)
-        cell = base + (cell_start + yx[:, 1] * (lim[0] + 1).to(cell_idx) + yx[:, 0]) * nH
+        position = cell_start + yx[:, 1] * (lim[0] + 1).to(cell_idx) + yx[:, 0]  # (N, J) cell in its item
+        cell = _bag_base(B, Q, nH, total * nH, cell_idx, device) + position * nH
     return rows, wx, wy, dwx, dwy, cell
 
 
@@ -242,22 +247,28 @@ def _corner_weights(wx: Tensor, wy: Tensor, attn: Tensor) -> Tensor:
     return ((wy * attn.unsqueeze(1)).unsqueeze(2) * wx.unsqueeze(1)).reshape(N, 4 * J)
 
 
-def _group_by_key(keys: Tensor, num_keys: int, host_sizes: bool | None = None) -> tuple[Tensor, Tensor]:
-    """Sort entries by key: (perm, first) with keys[perm] ascending (stable) and first[k] the position in that
-    order of key k's first entry (the number of entries with a smaller key), for k in [0, num_keys).
+def _group_by_key(keys: Tensor, num_keys: int, per_bag: int,
+                  host_sizes: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Sort the entries of (N, per_bag) keys, flattened, by key.
 
-    keys: (M,) ints in [0, num_keys). `first` comes from `bincount` + cumsum where the device can size an output
-    from data without a host round trip (CPU), else from `searchsorted` over the sorted keys (bincount reads its
-    output size back to the host on CUDA). host_sizes: force one way (tests run both on CPU).
+    keys: (N * per_bag,) ints in [0, num_keys). Returns (perm, bag, first): perm (int64) the entries with keys[perm]
+    ascending (stable); bag the bag n = entry // per_bag of each sorted entry; first[k] the position in that order
+    of key k's first entry (the number of entries with a smaller key), for k in [0, num_keys); bag and first in
+    keys' dtype, ready as embedding_bag indices and offsets. `first` comes from `bincount` + cumsum where the device
+    can size an output from data without a host round trip (CPU), else from `searchsorted` over the sorted keys
+    (bincount reads its output size back to the host on CUDA). host_sizes: force one way (tests run both on CPU).
     """
     if host_sizes is None:
         host_sizes = keys.device.type == "cpu"
     if host_sizes:
         perm = torch.argsort(keys, stable=True)
         counts = torch.bincount(keys, minlength=num_keys)
-        return perm, counts.cumsum(0).sub_(counts)
-    sorted_keys, perm = torch.sort(keys, stable=True)
-    return perm, torch.searchsorted(sorted_keys, torch.arange(num_keys, device=keys.device, dtype=keys.dtype))
+        first = counts.cumsum(0).sub_(counts)
+    else:
+        sorted_keys, perm = torch.sort(keys, stable=True)
+        first = torch.searchsorted(sorted_keys, torch.arange(num_keys, device=keys.device, dtype=keys.dtype))
+    bag = perm.div(per_bag, rounding_mode="floor").to(keys.dtype)
+    return perm, bag, first.to(keys.dtype)
 
 
 def _corner_order(rows: Tensor, weights: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -268,9 +279,7 @@ def _corner_order(rows: Tensor, weights: Tensor, num_rows: int) -> tuple[Tensor,
     Returns (perm, bag, offsets): perm (N*K,) the entries in row order, bag (N*K,) the bag n of each of them,
     offsets (num_rows + 1,) the first position of every row in that order; bag and offsets in rows' dtype.
     """
-    K = rows.shape[1]
-    perm, offsets = _group_by_key(rows.masked_fill(weights == 0, num_rows).view(-1), num_rows + 1)
-    return perm, perm.div(K, rounding_mode="floor").to(rows.dtype), offsets.to(rows.dtype)
+    return _group_by_key(rows.masked_fill(weights == 0, num_rows).view(-1), num_rows + 1, rows.shape[1])
 
 
 def _scatter_to_rows(order: tuple[Tensor, Tensor, Tensor], weights: Tensor, grad_out: Tensor,
@@ -309,12 +318,8 @@ def _scatter_by_cell(cell: Tensor, corner_w: Tensor, grad_out: Tensor, hw: Spati
     Dh = grad_out.shape[1]
     cells_l = [(h + 1) * (w + 1) for h, w in hw]
     total = sum(cells_l)
-    flat = cell.view(-1)
-    perm, first = _group_by_key(flat, batch * total * heads)
-    first = first.to(flat.dtype).view(batch, total, heads)  # first sorted point of every cell
-    bags = perm.div(J, rounding_mode="floor").to(flat.dtype)  # sorted point -> the bag n it came from
-    point = perm.to(flat.dtype)
-    del perm
+    perm, bags, first = _group_by_key(cell.view(-1), batch * total * heads, J)
+    first = first.view(batch, total, heads)  # first sorted point of every cell
     per_corner = corner_w.view(N, 4, J)
     grad = None
     for corner, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
@@ -325,7 +330,7 @@ def _scatter_by_cell(cell: Tensor, corner_w: Tensor, grad_out: Tensor, hw: Spati
             cell_start += n_cells
         offsets = torch.cat(starts, 1).view(-1)
         offsets[:1] = 0  # bag 0 from the first point: the ones before it lie in padding cells
-        weights = per_corner[:, corner].reshape(-1).index_select(0, point)
+        weights = per_corner[:, corner].reshape(-1).index_select(0, perm)
         sums = F.embedding_bag(bags, grad_out, offsets, per_sample_weights=weights, mode="sum")
         grad = sums if grad is None else grad.add_(sums)
     assert grad is not None
