@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,6 +84,7 @@ def ray_local(s3_endpoint):
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)  # Ray's session logs and any objects it spilled to disk
 
 
 def _free_port() -> int:
@@ -132,8 +134,29 @@ def mlflow_server(tmp_path_factory):
         log.close()
 
 
+_DISK_FREE: list[int] = []  # bytes free in the temp dir: at the start, then after every test
+
+
+def _sample_disk() -> None:
+    _DISK_FREE.append(shutil.disk_usage(tempfile.gettempdir()).free)
+
+
+def pytest_sessionstart(session) -> None:
+    _sample_disk()
+
+
+def pytest_runtest_teardown(item) -> None:
+    _sample_disk()
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
-    """Print the overrides the recipe smoke tests used (tests/test_recipes.py): what a CPU run could not exercise."""
+    """Print the free disk where tmp_path and Ray write (at the start, lowest, at the end: a run that fills the disk
+    fails in ways that look unrelated), and the overrides the recipe smoke tests used (tests/test_recipes.py): what
+    a CPU run could not exercise."""
+    _sample_disk()
+    gib = [f"{b / 2**30:.1f}" for b in (_DISK_FREE[0], min(_DISK_FREE), _DISK_FREE[-1])]
+    terminalreporter.write_line(f"disk free in {tempfile.gettempdir()}: {gib[0]} GiB at the start, lowest "
+                                f"{gib[1]} GiB, {gib[2]} GiB at the end")
     module = sys.modules.get("test_recipes")
     used = getattr(module, "USED_OVERRIDES", None)
     if not used:
