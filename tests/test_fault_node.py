@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,6 +121,7 @@ class Cluster:
         for pid in dict.fromkeys(pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.temp, ignore_errors=True)  # the cluster's session logs and sockets
 
 
 def test_worker_node_lost_mid_epoch_elastic_resume(tmp_path):
