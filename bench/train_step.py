@@ -10,11 +10,12 @@ R-CNN) relative to K=0 (plain Co-DINO), same config, same batch, measured side b
 
 The paper's ratios (GPU hours, 8 A100, R50): K=1 1.23x, K=2 1.71x time; K=2 1.12x memory. Each K runs in its own
 subprocess (peak memory: CUDA max_memory_allocated, or the process's max RSS on CPU); the K values (and the
-baseline tree's, with --baseline) are interleaved over `--rounds` rounds and the median step time per K is
-reported, so machine drift hits all alike. On a shared CPU the wall time is noisy: the CPU time of the process
-(time.process_time, all threads; median and min over all steps) is printed beside it and is the steadier figure,
-best with --threads 1 (with 2 threads on a loaded 2-core machine, OpenMP threads spin at barriers and both wall and
-CPU time grow several-fold).
+baseline tree's, with --baseline) are interleaved over `--rounds` rounds, each starting at the next K, and the median
+step time per K over all its steps is reported, so machine drift hits all alike (defaults: 4 rounds x 4 steps, about
+2 minutes here). On a shared 2-core CPU one run's wall-time ratio still moves by +-15 % (K = 2 over K = 0: 1.12-1.51
+in five default runs of the same code): compare several runs. The CPU time of the process (time.process_time, all
+threads; median and min over all steps) is printed beside it; --threads 1 is the steadiest (with 2 threads on a
+loaded 2-core machine, OpenMP threads spin at barriers and both wall and CPU time grow several-fold).
 """
 
 from __future__ import annotations
@@ -115,9 +116,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--boxes", type=int, default=6, help="ground-truth boxes per image")
     p.add_argument("--classes", type=int, default=20)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=4, help="rounds of one subprocess per K (the K order rotates)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
@@ -146,8 +147,9 @@ def main() -> None:
         trees = {"": ROOT, "base ": os.path.abspath(args.baseline)}
     results: dict[str, dict] = {tag + k: {"times": [], "cpu": [], "peak": []} for tag in trees for k in args.ks}
     for r in range(args.rounds):
+        order = args.ks[r % len(args.ks):] + args.ks[:r % len(args.ks)]  # no K always first (or last) in a round
         for tag, root in trees.items():
-            for name in args.ks:
+            for name in order:
                 out = subprocess.run([*base, "--heads", HEADS[name], "--root", root], capture_output=True, text=True,
                                      check=False)
                 if out.returncode != 0:
