@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -36,11 +37,26 @@ def safe_params(flat: dict[str, Any]) -> dict[str, str]:
     return {k: str(v)[:6000] for k, v in flat.items() if not any(m in k.lower() for m in SECRET_MARKERS)}
 
 
+def local_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a local SQLite store keeps its artefacts: `<db dir>/artifacts/<experiment>` (a
+    file URI). MLflow's own default for a database store is `./mlruns` of whichever process creates the experiment,
+    i.e. the directory the job was started from, not the store's (the tests' runs piled up in the checkout). None for
+    any other store: a tracking server or a database server has its own artefact root."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    if not db or db == ":memory:":
+        return None
+    return Path(os.path.abspath(db)).parent.joinpath("artifacts", experiment).as_uri()
+
+
 def get_or_create_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:
-    """Id of the run named `run_name` in `experiment` (reopened on resume), created if absent."""
+    """Id of the run named `run_name` in `experiment` (reopened on resume), created if absent; a new experiment of a
+    local SQLite store keeps its artefacts beside the database (`local_artifact_location`)."""
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=local_artifact_location(tracking_uri, experiment))
     found = client.search_runs([exp_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
