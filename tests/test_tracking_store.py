@@ -28,5 +28,7 @@ def test_only_local_sqlite_stores_get_a_location(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert local_artifact_location("sqlite:///rel/mlflow.db", "e") == (tmp_path / "rel" / "artifacts" / "e").as_uri()
     assert local_artifact_location("sqlite:////abs/x/mlflow.db", "e") == Path("/abs/x/artifacts/e").as_uri()
-    for uri in ("http://mlflow.internal:5000", "postgresql://u@h/db", "sqlite:///:memory:", "databricks"):
+    for uri in ("sqlite:////abs/x/mlflow.db?timeout=30", "sqlite+pysqlite:////abs/x/mlflow.db"):  # query, driver
+        assert local_artifact_location(uri, "e") == Path("/abs/x/artifacts/e").as_uri()
+    for uri in ("http://mlflow.internal:5000", "postgresql://u@h/db", "sqlite:///:memory:", "sqlite://", "databricks"):
         assert local_artifact_location(uri, "e") is None

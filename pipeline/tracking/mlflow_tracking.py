@@ -42,9 +42,11 @@ def local_artifact_location(tracking_uri: str, experiment: str) -> str | None:
     file URI). MLflow's own default for a database store is `./mlruns` of whichever process creates the experiment,
     i.e. the directory the job was started from, not the store's (the tests' runs piled up in the checkout). None for
     any other store: a tracking server or a database server has its own artefact root."""
-    if not tracking_uri.startswith("sqlite:///"):
+    if not tracking_uri.startswith("sqlite"):  # also sqlite+pysqlite://
         return None
-    db = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    from sqlalchemy.engine import make_url  # MLflow's own database layer: parses driver, path and query
+
+    db = make_url(tracking_uri).database
     if not db or db == ":memory:":
         return None
     return Path(os.path.abspath(db)).parent.joinpath("artifacts", experiment).as_uri()
